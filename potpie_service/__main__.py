@@ -1,0 +1,103 @@
+"""`python -m potpie_service <command>`: api, simulator, analyze, worker-health, keygen."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import time
+
+
+def run_api(argv: list[str]) -> int:
+    """Serve the API with gunicorn (one worker process, many threads: Flask-SocketIO's threading mode)."""
+    from gunicorn.app.base import BaseApplication
+
+    from .bootstrap import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m potpie_service api")
+    parser.add_argument("--threads", type=int, default=200, help="request threads (each WebSocket holds one)")
+    args = parser.parse_args(argv)
+    settings = load_settings("api")
+    if not settings.api_keys and not settings.auth_disabled:
+        print("potpie-service api: API_KEYS is empty: set API_KEYS (see `python -m potpie_service keygen`) "
+              "or AUTH_DISABLED=true for local development", file=sys.stderr)
+        return 2
+    from .api import create_app
+
+    app = create_app(settings)
+
+    class Server(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in {"bind": f"{settings.host}:{settings.port}", "workers": 1, "threads": args.threads,
+                               "worker_class": "gthread", "graceful_timeout": 8, "timeout": 0,
+                               "accesslog": None, "loglevel": settings.log_level}.items():
+                self.cfg.set(key, value)
+
+        def load(self):  # noqa: ANN202
+            return app
+
+    print(f"potpie-service API listening on http://{settings.host}:{settings.port}", file=sys.stderr)
+    Server().run()
+    return 0
+
+
+def worker_health(argv: list[str]) -> int:
+    """Exit 0 when this host's worker consumed its heartbeat task recently (the liveness probe)."""
+    from .bootstrap import load_settings
+    from .runtime import make_store
+
+    parser = argparse.ArgumentParser(prog="python -m potpie_service worker-health")
+    parser.add_argument("--hostname", default=f"celery@{socket.gethostname()}")
+    parser.add_argument("--max-age", type=float, default=None, help="seconds (default: 6 heartbeat intervals)")
+    args = parser.parse_args(argv)
+    settings = load_settings("worker-health")
+    max_age = args.max_age or max(30.0, 6 * settings.worker_heartbeat_interval)
+    try:
+        seen = make_store(settings).worker_last_seen(args.hostname)
+    except Exception as exc:  # the probe's answer is its exit code; any failure is "not healthy"
+        print(f"unhealthy: cannot read the heartbeat from Redis ({type(exc).__name__})")
+        return 1
+    if seen is None or time.time() - seen > max_age:
+        print(f"unhealthy: {args.hostname} has not consumed a heartbeat for over {max_age:.0f} s")
+        return 1
+    print(f"healthy: {args.hostname} consumed a heartbeat {time.time() - seen:.1f} s ago")
+    return 0
+
+
+def keygen(argv: list[str]) -> int:
+    """Print a new client API key and its API_KEYS entry, or a TOKEN_ENCRYPTION_KEY."""
+    from .auth import new_key
+    from .tokens import new_key as new_token_key
+
+    parser = argparse.ArgumentParser(prog="python -m potpie_service keygen")
+    parser.add_argument("--name", default="client", help="the key's owner name (jobs belong to it)")
+    parser.add_argument("--token-key", action="store_true", help="print a TOKEN_ENCRYPTION_KEY instead")
+    args = parser.parse_args(argv)
+    if args.token_key:
+        print(new_token_key())
+        return 0
+    key, entry = new_key(args.name)
+    print(f"key (give to the client, shown once): {key}")
+    print(f"API_KEYS entry (store on the server): {entry}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a sub-command."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"api": run_api, "worker-health": worker_health, "keygen": keygen}
+    if argv and argv[0] == "simulator":
+        from .simulator import main as simulator_main
+        return simulator_main(argv[1:])
+    if argv and argv[0] == "analyze":
+        from .cli import main as cli_main
+        return cli_main(argv[1:])
+    if not argv or argv[0] not in commands:
+        print("usage: python -m potpie_service {api|worker|simulator|analyze|worker-health|keygen} ...\n"
+              "  (the worker and Flower: celery -A workers worker / celery -A workers flower)", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The API application factory: Flask + Flask-SocketIO on the shared Redis message queue."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import socketio as python_socketio
+from flask import Flask, Response, g, request
+from flask_socketio import SocketIO
+from werkzeug.exceptions import HTTPException
+
+from ..auth import Authenticator
+from ..config import Settings
+from ..connections import redis_options
+from ..events import channel
+from ..potpie import PotpieClient
+from ..queue import dispatcher, make_celery
+from ..runtime import make_store
+from ..service import JobService
+from ..tokens import TokenCipher
+from . import routes, sockets
+from .errors import ApiError, error_response
+from .validation import MAX_BODY_BYTES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApiContext:
+    """What the views and socket handlers use, stored in `app.extensions["potpie"]`."""
+
+    settings: Settings
+    service: JobService
+    auth: Authenticator
+    sockets: sockets.ConnectionCount
+    socketio: SocketIO
+
+
+def _security_headers(response: Response) -> Response:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+    response.headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
+    if request.is_secure or request.headers.get("X-Forwarded-Proto") == "https":
+        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
+    return response
+
+
+def _install_hooks(app: Flask, settings: Settings) -> None:
+    origins = set(settings.cors_origins)
+
+    @app.before_request
+    def start() -> None:
+        g.started = time.perf_counter()
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+
+    @app.after_request
+    def finish(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        origin = request.headers.get("Origin")
+        if origin and ("*" in origins or origin in origins):
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-API-Key"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+            response.headers["Vary"] = "Origin"
+        return _security_headers(response)
+
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError) -> Any:
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Any:
+        code = error.code or 500
+        names = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
+        api = ApiError(names.get(code, error.name), path=request.path)
+        api.status = code
+        return error_response(api)
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception) -> Any:  # the last line of defence: log it, answer JSON, never a traceback
+        log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+        api = ApiError("Internal server error", request_id=g.get("request_id"))
+        api.status = 500
+        return error_response(api)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the API app; the Socket.IO server is `app.extensions["socketio"]`."""
+    settings = settings or Settings.from_env()
+    app = Flask("potpie_service")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES * 4  # hard stop; /analyze checks 16 KiB itself
+    app.json.sort_keys = False
+    auth = Authenticator(settings.api_keys, settings.ops_api_keys, settings.auth_disabled)
+    store = make_store(settings)
+    celery = make_celery(settings)
+    potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout, attempts=1)
+    service = JobService(settings, store, dispatcher(celery, settings), TokenCipher(settings.token_encryption_key),
+                         potpie)
+    manager = python_socketio.RedisManager(settings.redis_url, channel=channel(settings),
+                                           redis_options=redis_options(settings, socket_timeout=None))
+    cors: Any = list(settings.cors_origins) or None
+    if "*" in settings.cors_origins:
+        cors = "*"
+    socketio = SocketIO(app, async_mode=settings.socketio_async_mode, client_manager=manager,
+                        cors_allowed_origins=cors, ping_interval=20, ping_timeout=20, logger=False,
+                        engineio_logger=False)
+    count = sockets.ConnectionCount()
+    app.extensions["potpie"] = ApiContext(settings, service, auth, count, socketio)
+    app.register_blueprint(routes.bp)
+    sockets.register(socketio, service, auth, count)
+    _install_hooks(app, settings)
+    if settings.auth_disabled:
+        log.warning("AUTH IS DISABLED (AUTH_DISABLED=true): anyone who can reach this API can use it")
+    return app

@@ -1,0 +1,60 @@
+"""Who is calling: service API keys (stored as SHA-256 hashes, each with a name) compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+ANONYMOUS = "anonymous"
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest stored in API_KEYS for a key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key(name: str) -> tuple[str, str]:
+    """A new client key and its API_KEYS entry `name:hash`."""
+    key = "psk_" + secrets.token_urlsafe(32)
+    return key, f"{name}:{hash_key(key)}"
+
+
+def _parse(entries: tuple[str, ...]) -> list[tuple[str, str]]:
+    parsed = []
+    for entry in entries:
+        name, _, digest = entry.rpartition(":")
+        if not name or len(digest) != 64:
+            raise ValueError(f"API key entry for {name or '?'!r} is not 'name:sha256hex'")
+        parsed.append((name, digest.lower()))
+    return parsed
+
+
+class Authenticator:
+    """Maps a presented key to its owner name."""
+
+    def __init__(self, api_keys: tuple[str, ...], ops_keys: tuple[str, ...] = (), disabled: bool = False) -> None:
+        self.disabled = disabled
+        self.clients = _parse(api_keys)
+        self.ops = _parse(ops_keys)
+
+    @staticmethod
+    def _match(key: str | None, table: list[tuple[str, str]]) -> str | None:
+        if not key:
+            return None
+        digest = hash_key(key)
+        found = None
+        for name, expected in table:  # no early exit: the time taken does not depend on which key matched
+            if hmac.compare_digest(digest, expected):
+                found = name
+        return found
+
+    def owner(self, key: str | None) -> str | None:
+        """The owner name for a client key (ANONYMOUS when auth is disabled), else None."""
+        if self.disabled:
+            return ANONYMOUS
+        return self._match(key, self.clients)
+
+    def operator(self, key: str | None) -> bool:
+        """Whether the key may read operational details (/health details, /queue/stats)."""
+        return self.disabled or self._match(key, self.ops) is not None or self.owner(key) is not None

@@ -1,0 +1,200 @@
+"""Settings: every environment variable parsed once, in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+from urllib.parse import quote, urlsplit
+
+from .tokens import valid_key
+
+
+class ConfigError(Exception):
+    """One or more environment variables hold a bad value."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _int(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if low is not None and value < low:
+            raise ValueError(f"must be at least {low}")
+        if high is not None and value > high:
+            raise ValueError(f"must be at most {high}")
+        return value
+
+    return parse
+
+
+def _float(low: float = 0.0) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError("expected a number") from None
+        if value < low:
+            raise ValueError(f"must be at least {low}")
+        return value
+
+    return parse
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _str(raw: str) -> str:
+    return raw.strip()
+
+
+def _csv(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if value and urlsplit(value).scheme not in ("redis", "rediss"):
+        raise ValueError("must start with redis:// or rediss://")
+    return value
+
+
+def _existing_file(raw: str) -> str:
+    value = raw.strip()
+    if value and not os.path.isfile(value):
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+def _env(name: str, default: str, parse: Callable[[str], Any] = _str, secret: bool = False) -> Any:
+    return field(default=parse(default), metadata={"env": name, "parse": parse, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's configuration; build with `Settings.from_env()` or directly in tests."""
+
+    port: int = _env("PORT", "8080", _int(1, 65535))
+    host: str = _env("HOST", "0.0.0.0")
+    potpie_api_key: str = _env("POTPIE_API_KEY", "", secret=True)
+    potpie_base_url: str = _env("POTPIE_BASE_URL", "https://production-api.potpie.ai")
+    potpie_poll_interval: float = _env("POTPIE_POLL_INTERVAL", "5", _float(0.05))
+    parse_timeout: float = _env("PARSE_TIMEOUT", "3600", _float(1))
+    request_timeout_ms: int = _env("REQUEST_TIMEOUT", "60000", _int(100))
+    redis_url_raw: str = _env("REDIS_URL", "", _redis_url, secret=True)
+    redis_host: str = _env("REDIS_HOST", "localhost")
+    redis_port: int = _env("REDIS_PORT", "6379", _int(1, 65535))
+    redis_password: str = _env("REDIS_PASSWORD", "", secret=True)
+    redis_db: int = _env("REDIS_DB", "0", _int(0, 15))
+    redis_username: str = _env("REDIS_USERNAME", "")
+    redis_tls_enabled: bool = _env("REDIS_TLS_ENABLED", "false", _bool)
+    redis_tls_ca_path: str = _env("REDIS_TLS_CA_PATH", "", _existing_file)
+    redis_tls_cert_path: str = _env("REDIS_TLS_CERT_PATH", "", _existing_file)
+    redis_tls_key_path: str = _env("REDIS_TLS_KEY_PATH", "", _existing_file)
+    redis_tls_reject_unauthorized: bool = _env("REDIS_TLS_REJECT_UNAUTHORIZED", "true", _bool)
+    max_concurrent_jobs: int = _env("MAX_CONCURRENT_JOBS", "5", _int(1, 100000))
+    max_retries: int = _env("MAX_RETRIES", "3", _int(0, 20))
+    retry_base_delay: float = _env("RETRY_BASE_DELAY", "5", _float(0))
+    queue_name: str = _env("QUEUE_NAME", "potpie-analysis")
+    log_level: str = _env("LOG_LEVEL", "info", _choice("debug", "info", "warning", "error", "critical"))
+    log_format: str = _env("LOG_FORMAT", "json", _choice("json", "text"))
+    job_ttl_completed: int = _env("JOB_TTL_COMPLETED", "86400", _int(1))
+    job_ttl_failed: int = _env("JOB_TTL_FAILED", "604800", _int(1))
+    socketio_async_mode: str = _env("SOCKETIO_ASYNC_MODE", "threading", _choice("threading"))
+    cors_origins: tuple[str, ...] = _env("CORS_ORIGINS", "", _csv)
+    broker_visibility_timeout: int = _env("BROKER_VISIBILITY_TIMEOUT", "600", _int(30))
+    worker_heartbeat_interval: float = _env("WORKER_HEARTBEAT_INTERVAL", "10", _float(0.1))
+    step_grace: float = _env("STEP_GRACE", "60", _float(1))
+    api_keys: tuple[str, ...] = _env("API_KEYS", "", _csv, secret=True)
+    ops_api_keys: tuple[str, ...] = _env("OPS_API_KEYS", "", _csv, secret=True)
+    auth_disabled: bool = _env("AUTH_DISABLED", "false", _bool)
+    token_encryption_key: str = _env("TOKEN_ENCRYPTION_KEY", "", secret=True)
+    metrics_token: str = _env("METRICS_TOKEN", "", secret=True)
+    rate_limit: str = _env("RATE_LIMIT", "60/minute")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Parse every variable; raise ConfigError naming each bad one."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if name not in environ:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](environ[name])
+            except ValueError as exc:
+                shown = "(hidden)" if f.metadata["secret"] else repr(environ[name])
+                problems.append(f"{name}={shown}: {exc}")
+        values.update(overrides)
+        settings = cls(**values)
+        problems.extend(settings._cross_checks())
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+        return settings
+
+    def _cross_checks(self) -> list[str]:
+        problems = []
+        if self.redis_tls_key_path and not self.redis_tls_cert_path:
+            problems.append("REDIS_TLS_KEY_PATH is set but REDIS_TLS_CERT_PATH is not")
+        if self.token_encryption_key and not valid_key(self.token_encryption_key):
+            problems.append("TOKEN_ENCRYPTION_KEY=(hidden): not a Fernet key (make one with "
+                            "`python -m potpie_service keygen --token-key`)")
+        if not self.potpie_base_url.startswith(("http://", "https://")):
+            problems.append("POTPIE_BASE_URL: must start with http:// or https://")
+        return problems
+
+    @property
+    def redis_tls(self) -> bool:
+        """Whether Redis connections use TLS (rediss:// or REDIS_TLS_ENABLED)."""
+        if self.redis_url_raw:
+            return self.redis_url_raw.startswith("rediss://")
+        return self.redis_tls_enabled
+
+    @property
+    def redis_url(self) -> str:
+        """The Redis URL: REDIS_URL when set, else built from the REDIS_* parts."""
+        if self.redis_url_raw:
+            return self.redis_url_raw
+        scheme = "rediss" if self.redis_tls_enabled else "redis"
+        auth = ""
+        if self.redis_password:
+            auth = f"{quote(self.redis_username, safe='')}:{quote(self.redis_password, safe='')}@"
+        elif self.redis_username:
+            auth = f"{quote(self.redis_username, safe='')}@"
+        return f"{scheme}://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def request_timeout(self) -> float:
+        """REQUEST_TIMEOUT in seconds."""
+        return self.request_timeout_ms / 1000.0
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with every secret replaced, for logs."""
+        shown: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown[f.metadata["env"]] = "***" if f.metadata["secret"] and value else value
+        return shown

@@ -1,0 +1,74 @@
+"""Redis connection options, built once from Settings for every client (store, broker, Socket.IO)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+# Short timeouts so a dead Redis turns into an error quickly, never a hang.
+CONNECT_TIMEOUT = 0.6
+SOCKET_TIMEOUT = 5.0
+HEALTH_CHECK_INTERVAL = 10
+
+
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """redis-py keyword arguments for TLS (empty when TLS is off)."""
+    if not settings.redis_tls:
+        return {}
+    options: dict[str, Any] = {
+        "ssl_cert_reqs": "required" if settings.redis_tls_reject_unauthorized else "none",
+    }
+    if not settings.redis_tls_reject_unauthorized:
+        log.warning("REDIS_TLS_REJECT_UNAUTHORIZED=false: the Redis server certificate is not verified")
+    if settings.redis_tls_ca_path:
+        options["ssl_ca_certs"] = settings.redis_tls_ca_path
+    if settings.redis_tls_cert_path:
+        options["ssl_certfile"] = settings.redis_tls_cert_path
+    if settings.redis_tls_key_path:
+        options["ssl_keyfile"] = settings.redis_tls_key_path
+    if not settings.redis_tls_reject_unauthorized:
+        options["ssl_check_hostname"] = False
+    return options
+
+
+def redis_options(settings: Settings, socket_timeout: float | None = SOCKET_TIMEOUT) -> dict[str, Any]:
+    """Keyword arguments for `redis.Redis.from_url` shared by every Redis client of the service."""
+    return {
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": socket_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        "retry": Retry(NoBackoff(), 1),  # one quick retry heals a pooled connection after a Redis restart
+        **tls_options(settings),
+    }
+
+
+def make_redis(settings: Settings, socket_timeout: float | None = SOCKET_TIMEOUT) -> redis.Redis:
+    """A Redis client (a connection pool) for the job store and health checks."""
+    return redis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                **redis_options(settings, socket_timeout))
+
+
+def celery_ssl_options(settings: Settings) -> dict[str, Any] | None:
+    """Celery's `broker_use_ssl` / `redis_backend_use_ssl` value (None when TLS is off)."""
+    if not settings.redis_tls:
+        return None
+    options: dict[str, Any] = {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED if settings.redis_tls_reject_unauthorized else ssl.CERT_NONE,
+    }
+    if settings.redis_tls_ca_path:
+        options["ssl_ca_certs"] = settings.redis_tls_ca_path
+    if settings.redis_tls_cert_path:
+        options["ssl_certfile"] = settings.redis_tls_cert_path
+    if settings.redis_tls_key_path:
+        options["ssl_keyfile"] = settings.redis_tls_key_path
+    return options

@@ -1,0 +1,118 @@
+"""Socket.IO events: their names, their payloads (built from a job record), and the one emitter both sides use."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any, Mapping, Protocol
+
+import socketio
+
+from .config import Settings
+from .connections import redis_options
+from .model import MESSAGES, JobStatus
+
+log = logging.getLogger(__name__)
+
+STATUS_UPDATE = "status_update"
+ANALYSIS_COMPLETE = "analysis_complete"
+ANALYSIS_ERROR = "analysis_error"
+JOIN_PROJECT = "join_project"
+LEAVE_PROJECT = "leave_project"
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO-8601 with milliseconds and a Z."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def room(job_id: str) -> str:
+    """The Socket.IO room of a job (the seed's naming)."""
+    return f"project_{job_id}"
+
+
+def channel(settings: Settings) -> str:
+    """The Redis pub/sub channel the API processes and workers share."""
+    return f"psvc-{settings.queue_name}"
+
+
+def status_update(job: Mapping[str, str], seq: int, **extra: Any) -> dict[str, Any]:
+    """A `status_update` payload for the job's current state."""
+    status = job.get("status", JobStatus.QUEUED.value)
+    payload = {
+        "project_id": job["id"],
+        "job_id": job["id"],
+        "status": status,
+        "message": job.get("message") or MESSAGES.get(JobStatus(status), status),
+        "progress": int(job.get("progress") or 0),
+        "seq": seq,
+        "timestamp": now_iso(),
+    }
+    payload.update(extra)
+    return payload
+
+
+def analysis_complete(job: Mapping[str, str], seq: int) -> dict[str, Any]:
+    """The `analysis_complete` payload of a finished job."""
+    return {
+        "project_id": job["id"],
+        "job_id": job["id"],
+        "status": JobStatus.FINISHED.value,
+        "data": json.loads(job.get("result") or "null"),
+        "message": MESSAGES[JobStatus.FINISHED],
+        "seq": seq,
+        "timestamp": now_iso(),
+    }
+
+
+def analysis_error(job: Mapping[str, str], seq: int) -> dict[str, Any]:
+    """The `analysis_error` payload of a job that finally failed."""
+    return {
+        "project_id": job["id"],
+        "job_id": job["id"],
+        "status": JobStatus.FAILED.value,
+        "error": "Analysis processing failed",
+        "message": job.get("failed_reason") or MESSAGES[JobStatus.FAILED],
+        "attempts": int(job.get("attempts") or 0),
+        "seq": seq,
+        "timestamp": now_iso(),
+    }
+
+
+def final_events(job: Mapping[str, str], seq: int) -> list[tuple[str, dict[str, Any]]]:
+    """The closing `status_update` and, for finished/failed, the final event (seq and seq+1)."""
+    events = [(STATUS_UPDATE, status_update(job, seq))]
+    if job.get("status") == JobStatus.FINISHED.value:
+        events.append((ANALYSIS_COMPLETE, analysis_complete(job, seq + 1)))
+    elif job.get("status") == JobStatus.FAILED.value:
+        events.append((ANALYSIS_ERROR, analysis_error(job, seq + 1)))
+    return events
+
+
+def replay(job: Mapping[str, str], queue_position: int | None) -> list[tuple[str, dict[str, Any]]]:
+    """What a socket gets on joining: the current state, and the final event if the job has ended."""
+    seq = int(job.get("event_seq") or 0)
+    if JobStatus(job.get("status", "queued")).terminal:
+        return final_events(job, max(seq - 1, 0))
+    extra = {"queue_position": queue_position} if job.get("status") == JobStatus.QUEUED.value else {}
+    return [(STATUS_UPDATE, status_update(job, seq, **extra))]
+
+
+class Emit(Protocol):
+    def __call__(self, event: str, data: dict[str, Any], room: str) -> None: ...
+
+
+class Emitter:
+    """Publishes events to a job's room through the Redis message queue (write-only; for workers)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.manager = socketio.RedisManager(
+            settings.redis_url, channel=channel(settings), write_only=True,
+            redis_options=redis_options(settings),
+        )
+
+    def emit(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Send events to everyone in the job's room, on every API process."""
+        for name, payload in events:
+            self.manager.emit(name, payload, namespace="/", room=room(job_id))

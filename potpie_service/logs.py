@@ -1,0 +1,67 @@
+"""Logging: one JSON object per line (or plain text), with job and request ids, and secrets masked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import datetime, timezone
+
+# Tokens that must never reach a log line, whatever code path produced it (a second line of defence).
+_SECRET_PATTERNS = [
+    re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{8,}|github_pat_[A-Za-z0-9_]{8,})"),
+    re.compile(r"\bsk-[A-Za-z0-9]{8,}"),
+    re.compile(r"(?i)(x-api-key|authorization|github_token|password)(['\"]?\s*[:=]\s*['\"]?)([^\s'\",}]+)"),
+    re.compile(r"(rediss?://[^:/@\s]*:)([^@\s]+)(@)"),
+]
+_EXTRA_FIELDS = ("job_id", "request_id", "seq", "event", "path", "status", "duration_ms", "method")
+
+
+def mask(text: str) -> str:
+    """Replace anything that looks like a token, key or password with ***."""
+    text = _SECRET_PATTERNS[0].sub("***", text)
+    text = _SECRET_PATTERNS[1].sub("***", text)
+    text = _SECRET_PATTERNS[2].sub(lambda m: m.group(1) + m.group(2) + "***", text)
+    return _SECRET_PATTERNS[3].sub(lambda m: m.group(1) + "***" + m.group(3), text)
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": mask(record.getMessage()),
+        }
+        for name in _EXTRA_FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info:
+            entry["exception"] = mask(self.formatException(record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Plain text, masked, with the job id when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        job_id = getattr(record, "job_id", None)
+        return mask(f"{line} [job {job_id}]" if job_id else line)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    """Route every logger (ours, Celery's, Flask's) through one masked handler on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("werkzeug", "engineio.server", "socketio.server", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,55 @@
+"""Job statuses, their allowed transitions, progress ranges and the texts users see."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    PARSING = "parsing"
+    READY = "ready"
+    PROCESSING_CONVERSATIONS = "processing_conversations"
+    RETRYING = "retrying"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the job has ended for good."""
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+_WORKING = {JobStatus.PARSING, JobStatus.READY, JobStatus.PROCESSING_CONVERSATIONS}
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.PARSING, JobStatus.RETRYING, *TERMINAL}),
+    JobStatus.PARSING: frozenset({JobStatus.PARSING, JobStatus.READY, JobStatus.RETRYING, *TERMINAL}),
+    JobStatus.READY: frozenset({JobStatus.PROCESSING_CONVERSATIONS, JobStatus.RETRYING, *TERMINAL}),
+    JobStatus.PROCESSING_CONVERSATIONS: frozenset({JobStatus.PROCESSING_CONVERSATIONS, JobStatus.RETRYING,
+                                                   *TERMINAL}),
+    JobStatus.RETRYING: frozenset({JobStatus.RETRYING, *_WORKING, *TERMINAL}),
+    JobStatus.FINISHED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+MESSAGES = {
+    JobStatus.QUEUED: "Repository analysis queued. Connect to Socket.IO and join the project for live updates.",
+    JobStatus.PARSING: "Repository parsing in progress...",
+    JobStatus.READY: "Parsing completed, starting conversations...",
+    JobStatus.PROCESSING_CONVERSATIONS: "Asking Potpie's codebase agent...",
+    JobStatus.RETRYING: "Attempt failed, retrying...",
+    JobStatus.FINISHED: "Analysis completed successfully.",
+    JobStatus.FAILED: "Analysis failed.",
+    JobStatus.CANCELLED: "Analysis cancelled.",
+}
+
+
+def can_move(current: JobStatus, new: JobStatus) -> bool:
+    """Whether a job in `current` may move to `new`."""
+    return new in TRANSITIONS[current]

@@ -1,0 +1,222 @@
+"""Runs a job's steps: claim the step, call Potpie, record the outcome, tell the room, schedule what follows.
+
+One call of `Pipeline.run(job_id, seq)` runs steps back to back until the job must wait (a parse poll, a retry
+backoff) or ends. Every step's outcome is committed before the next begins, so a crash resumes after the last
+finished step. `seq` makes duplicate deliveries harmless: only the delivery for the job's current seq may run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import analysis
+from .analysis import Step
+from .config import Settings
+from .events import final_events, now_iso, status_update
+from .jobs import JobStore
+from .model import MESSAGES, JobStatus, can_move
+from .potpie import PermanentPotpieError, PotpieClient, TransientPotpieError
+
+log = logging.getLogger(__name__)
+
+Dispatch = Callable[[str, int, float], None]  # (job_id, seq, countdown seconds)
+EmitFn = Callable[[str, list], None]  # (job_id, [(event, payload)])
+
+
+@dataclass
+class Advance:
+    """The job goes on: new fields, and how long until its next step (0: at once)."""
+
+    status: JobStatus
+    fields: dict[str, Any] = field(default_factory=dict)
+    wait: float = 0.0
+    event_extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class End:
+    """The job ends (finished or failed)."""
+
+    status: JobStatus
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class JobFailed(Exception):
+    """A step found that the job cannot succeed; the message is the failed_reason."""
+
+
+class Pipeline:
+    """Drives jobs through Potpie; shared by every task execution of a worker process."""
+
+    def __init__(self, settings: Settings, store: JobStore, potpie: PotpieClient, emit: EmitFn,
+                 dispatch: Dispatch, reveal_token: Callable[[str], str | None]) -> None:
+        self.settings = settings
+        self.store = store
+        self.potpie = potpie
+        self.emit = emit
+        self.dispatch = dispatch
+        self.reveal_token = reveal_token
+        # A step's lease outlives its longest possible run: three timed-out tries plus backoff.
+        self.lease_s = 3 * settings.request_timeout + 30
+
+    def run(self, job_id: str, seq: int) -> str:
+        """Run the job's steps from `seq`; return what happened to this delivery (for logs and tests)."""
+        token = uuid.uuid4().hex
+        outcome, job = self.store.claim(job_id, seq, token, self.lease_s)
+        if outcome != "ok":
+            log.info("step skipped: %s", outcome, extra={"job_id": job_id, "seq": seq})
+            return outcome
+        while True:
+            change = self._attempt(job)
+            if isinstance(change, End):
+                self._end(job, token, change)
+                return "ended"
+            seq += 1
+            keep = change.wait <= 0
+            if not self._advance(job, token, seq, change, keep):
+                return "lease_lost"
+            if not keep:
+                self.dispatch(job_id, seq, change.wait)
+                return "scheduled"
+
+    def _attempt(self, job: dict[str, str]) -> Advance | End:
+        step = analysis.next_step(job)
+        try:
+            return self._step(step, job)
+        except JobFailed as exc:
+            return End(JobStatus.FAILED, {"failed_reason": str(exc)})
+        except PermanentPotpieError as exc:
+            return End(JobStatus.FAILED, {"failed_reason": exc.reason})
+        except TransientPotpieError as exc:
+            return self._retry_or_fail(job, exc.reason, exc.retry_after)
+        except Exception as exc:  # a bug must not wedge the job: count it as a failed attempt
+            log.exception("step %s crashed", step.value, extra={"job_id": job["id"]})
+            return self._retry_or_fail(job, f"internal error in {step.value}: {type(exc).__name__}", None)
+
+    def _step(self, step: Step, job: dict[str, str]) -> Advance | End:
+        working = {} if job.get("attempts", "0") != "0" else {"attempts": 1, "processed_at": now_iso()}
+        if step is Step.SUBMIT_PARSE:
+            return self._submit_parse(job, working)
+        if step is Step.POLL_PARSE:
+            return self._poll_parse(job, working)
+        if step is Step.CREATE_CONVERSATION:
+            conversation_id = self.potpie.create_conversation(job["potpie_project_id"])
+            return Advance(JobStatus.PROCESSING_CONVERSATIONS,
+                           {**working, "conversation_id": conversation_id, "progress": analysis.PROGRESS["conversation"],
+                            "message": "Asking Potpie's codebase agent the question..."})
+        if step is Step.ASK_QUESTION:
+            reply = self.potpie.send_message(job["conversation_id"], analysis.question_of(job))
+            return Advance(JobStatus.PROCESSING_CONVERSATIONS,
+                           {**working, "answer": reply.text, "citations": json.dumps(reply.citations),
+                            "progress": analysis.PROGRESS["answered"],
+                            "message": "Answer received; asking for the structured analysis..."})
+        if step is Step.ASK_STRUCTURED:
+            reply = self.potpie.send_message(job["conversation_id"], analysis.structured_prompt(job))
+            return Advance(JobStatus.PROCESSING_CONVERSATIONS,
+                           {**working, "analysis_text": reply.text, "progress": 95,
+                            "message": "Structured analysis received; building the result..."})
+        finished_at = now_iso()
+        started = float(job.get("created_ts") or time.time())
+        result = analysis.build_result(job, finished_at, int((time.time() - started) * 1000))
+        return End(JobStatus.FINISHED, {"result": json.dumps(result), "progress": 100, "finished_at": finished_at,
+                                        "message": MESSAGES[JobStatus.FINISHED]})
+
+    def _submit_parse(self, job: dict[str, str], working: dict[str, Any]) -> Advance:
+        project_id = None
+        if job.get("parse_requested") == "1":  # an earlier try sent the request; did it reach Potpie?
+            project_id = self.potpie.find_project(job["repo"], job["branch"])
+        status = "submitted"
+        if project_id is None:
+            self.store.mark(job["id"], parse_requested=1)
+            token = self._github_token(job)
+            project_id, status = self.potpie.submit_parse(job["repo"], job["branch"], token)
+        fields = {**working, "potpie_project_id": project_id, "parse_status": status,
+                  "parse_started_at": job.get("parse_started_at") or time.time(),
+                  "progress": analysis.parse_progress(status, analysis.PROGRESS[JobStatus.PARSING]),
+                  "message": f"Potpie is parsing the repository (status: {status})"}
+        if status == analysis.PARSE_READY:
+            return Advance(JobStatus.READY, {**fields, "parsed_at": now_iso(), "progress": 65,
+                                             "message": MESSAGES[JobStatus.READY]})
+        return Advance(JobStatus.PARSING, fields, wait=self.settings.potpie_poll_interval)
+
+    def _poll_parse(self, job: dict[str, str], working: dict[str, Any]) -> Advance:
+        started = float(job.get("parse_started_at") or time.time())
+        if time.time() - started > self.settings.parse_timeout:
+            raise JobFailed(f"Potpie did not finish parsing within PARSE_TIMEOUT ({self.settings.parse_timeout:g} s); "
+                            f"last status: {job.get('parse_status')}")
+        status = self.potpie.parse_status(job["potpie_project_id"])
+        if status == analysis.PARSE_ERROR:
+            raise JobFailed("Potpie could not parse the repository (status: error). Check that the repository "
+                            "and branch exist and that Potpie can access them.")
+        if status == analysis.PARSE_READY:
+            return Advance(JobStatus.READY, {**working, "parse_status": status, "parsed_at": now_iso(),
+                                             "progress": analysis.PROGRESS[JobStatus.READY],
+                                             "message": MESSAGES[JobStatus.READY]})
+        progress = analysis.parse_progress(status, int(job.get("progress") or 0))
+        return Advance(JobStatus.PARSING, {**working, "parse_status": status, "progress": progress,
+                                           "message": f"Potpie is parsing the repository (status: {status})"},
+                       wait=self.settings.potpie_poll_interval)
+
+    def _github_token(self, job: dict[str, str]) -> str | None:
+        if job.get("has_github_token") != "1":
+            return None
+        token = self.reveal_token(job["id"])
+        if token is None:
+            raise JobFailed("the GitHub token could not be read: it expired, or TOKEN_ENCRYPTION_KEY differs "
+                            "between the API and the worker")
+        return token
+
+    def _retry_or_fail(self, job: dict[str, str], reason: str, retry_after: float | None) -> Advance | End:
+        attempts = max(1, int(job.get("attempts") or 1))
+        if attempts > self.settings.max_retries:
+            return End(JobStatus.FAILED, {"failed_reason": f"{reason} (gave up after {attempts} attempts)"})
+        delay = self.settings.retry_base_delay * 2 ** (attempts - 1) * random.uniform(1.0, 1.2)
+        delay = min(max(delay, retry_after or 0.0), self.settings.broker_visibility_timeout / 2)
+        fields = {"attempts": attempts + 1, "last_error": reason, "progress": job.get("progress") or 0,
+                  "message": f"Attempt {attempts} of {self.settings.max_retries + 1} failed: {reason}. "
+                             f"Retrying in {delay:.1f} s."}
+        if job.get("attempts", "0") == "0":
+            fields["processed_at"] = now_iso()
+        extra = {"attempt": attempts, "max_attempts": self.settings.max_retries + 1, "retry_in": round(delay, 3),
+                 "error": reason}
+        return Advance(JobStatus.RETRYING, fields, wait=delay, event_extra=extra)
+
+    def _advance(self, job: dict[str, str], token: str, seq: int, change: Advance, keep: bool) -> bool:
+        current = JobStatus(job.get("status", "queued"))
+        if not can_move(current, change.status):
+            log.error("refused transition %s -> %s", current.value, change.status.value, extra={"job_id": job["id"]})
+            change = Advance(JobStatus.RETRYING, change.fields, wait=self.settings.retry_base_delay)
+        mode = "progress" if current is change.status else "state"
+        fields = {**change.fields, "status": change.status.value, "seq": seq,
+                  "next_due": time.time() + change.wait}
+        event_seq = self.store.commit(job["id"], token, fields, mode, keep_lease=keep, lease_s=self.lease_s)
+        if event_seq < 0:
+            log.warning("lost the step lease; another delivery owns the job", extra={"job_id": job["id"]})
+            return False
+        job.update({k: str(v) for k, v in fields.items()})
+        if event_seq:
+            self.emit(job["id"], [("status_update", status_update(job, event_seq, **change.event_extra))])
+        if change.status is JobStatus.RETRYING:
+            log.warning("attempt failed, retrying: %s", job.get("last_error"), extra={"job_id": job["id"]})
+        return True
+
+    def _end(self, job: dict[str, str], token: str, change: End) -> None:
+        change.fields.setdefault("attempts", max(1, int(job.get("attempts") or 0)))
+        if change.status is JobStatus.FAILED:
+            change.fields.setdefault("finished_at", now_iso())
+            change.fields.setdefault("message", change.fields["failed_reason"])
+            log.error("job failed: %s", change.fields["failed_reason"], extra={"job_id": job["id"]})
+        seq, admitted = self.store.finish(job["id"], token, change.status, change.fields)
+        if seq < 0:
+            log.warning("could not end the job (lease lost or already ended)", extra={"job_id": job["id"]})
+            return
+        job.update({k: str(v) for k, v in change.fields.items()}, status=change.status.value)
+        self.emit(job["id"], final_events(job, seq))
+        for admitted_id in admitted:
+            self.dispatch(admitted_id, 0, 0)

@@ -1,0 +1,220 @@
+"""Potpie.ai API v2 client: the calls the pipeline makes, with bounded retries for transient failures."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import requests
+from requests.adapters import HTTPAdapter
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+
+AGENT_ID = "codebase_qna_agent"
+MAX_INLINE_RETRY_AFTER = 30.0  # a longer Retry-After is handed to the job-level retry instead
+
+Observer = Callable[[str, str, float], None]  # (endpoint, outcome, seconds)
+
+
+class PotpieError(Exception):
+    """A Potpie call failed."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class PermanentPotpieError(PotpieError):
+    """A failure that retrying cannot fix (bad key, usage limit, unknown project, bad request)."""
+
+
+class TransientPotpieError(PotpieError):
+    """A failure that may pass (connection, timeout, 5xx, 429, a broken reply)."""
+
+    def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(reason, status)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An agent's answer: the full text and the files it cited."""
+
+    text: str
+    citations: list[str] = field(default_factory=list)
+
+
+_PERMANENT = {
+    400: "Potpie rejected the request",
+    401: "Potpie rejected the API key (401): check POTPIE_API_KEY",
+    403: "Potpie denied access (403): check POTPIE_API_KEY and the repository's permissions",
+    402: "Potpie usage limit reached (402)",
+    404: "Potpie does not know this project (404)",
+    422: "Potpie rejected the request as invalid (422)",
+}
+
+
+def _detail(response: requests.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return ""
+    return detail if isinstance(detail, str) else json.dumps(detail)[:300]
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return None
+
+
+def check(response: requests.Response) -> None:
+    """Raise the right PotpieError for a non-2xx response."""
+    status = response.status_code
+    if status < 400:
+        return
+    detail = _detail(response)
+    if status == 429:
+        raise TransientPotpieError(f"Potpie rate limit (429) {detail}".strip(), status, _retry_after(response))
+    if status >= 500 or status == 408:
+        raise TransientPotpieError(f"Potpie server error ({status}) {detail}".strip(), status)
+    base = _PERMANENT.get(status, f"Potpie answered {status}")
+    raise PermanentPotpieError(f"{base}: {detail}" if detail else base, status)
+
+
+def parse_stream(body: str) -> Reply:
+    """Join Potpie's streamed reply: ChatMessageResponse objects written back to back."""
+    decoder = json.JSONDecoder()
+    parts: list[str] = []
+    citations: list[str] = []
+    index = 0
+    while index < len(body):
+        while index < len(body) and body[index].isspace():
+            index += 1
+        if index >= len(body):
+            break
+        try:
+            item, index = decoder.raw_decode(body, index)
+        except json.JSONDecodeError:
+            raise TransientPotpieError("Potpie's streamed reply ended mid-message") from None
+        if not isinstance(item, dict):
+            raise TransientPotpieError("Potpie's streamed reply held an unexpected value")
+        parts.append(str(item.get("message") or ""))
+        citations.extend(c for c in item.get("citations") or [] if c not in citations)
+    return Reply("".join(parts), citations)
+
+
+def _retry_inline(error: BaseException) -> bool:
+    """Retry inside the step only for transient errors with a short (or no) Retry-After."""
+    return isinstance(error, TransientPotpieError) and (error.retry_after or 0) <= MAX_INLINE_RETRY_AFTER
+
+
+def _wait(state: RetryCallState) -> float:
+    error = state.outcome.exception() if state.outcome else None
+    backoff = min(8.0, 0.5 * 2 ** (state.attempt_number - 1))
+    jitter = backoff * 0.25 * (time.monotonic_ns() % 1000) / 1000
+    retry_after = getattr(error, "retry_after", None) or 0.0
+    return max(backoff + jitter, retry_after)
+
+
+class PotpieClient:
+    """Blocking client for the Potpie v2 routes the pipeline uses."""
+
+    def __init__(self, base_url: str, api_key: str, timeout: float, attempts: int = 3,
+                 observer: Observer | None = None, stream: bool = True) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.attempts = attempts
+        self.stream = stream
+        self.observer = observer
+        self.session = requests.Session()
+        self.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=32))
+        self.session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=32))
+        self.session.headers.update({"X-API-Key": api_key, "Accept": "application/json"})
+
+    def _once(self, endpoint: str, method: str, path: str, **kwargs: Any) -> requests.Response:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
+            outcome = str(response.status_code)
+            check(response)
+            return response
+        except requests.Timeout:
+            outcome = "timeout"
+            raise TransientPotpieError(f"Potpie did not answer within {self.timeout:g} s") from None
+        except requests.ConnectionError as exc:
+            outcome = "connection_error"
+            raise TransientPotpieError(f"cannot reach Potpie at {self.base_url}: {type(exc).__name__}") from None
+        finally:
+            if self.observer:
+                self.observer(endpoint, outcome, time.perf_counter() - started)
+
+    def _call(self, endpoint: str, method: str, path: str, decode: Callable[[requests.Response], Any],
+              **kwargs: Any) -> Any:
+        def attempt() -> Any:
+            response = self._once(endpoint, method, path, **kwargs)
+            try:
+                return decode(response)
+            except requests.RequestException:
+                raise TransientPotpieError("Potpie's reply was cut off") from None
+            except (ValueError, KeyError, TypeError):
+                raise TransientPotpieError(f"Potpie sent a malformed reply to {endpoint}") from None
+
+        retrying = Retrying(stop=stop_after_attempt(self.attempts), wait=_wait,
+                            retry=retry_if_exception(_retry_inline), reraise=True)
+        return retrying(attempt)
+
+    def submit_parse(self, repo: str, branch: str, github_token: str | None = None) -> tuple[str, str]:
+        """Start parsing; return (project_id, status)."""
+        body = {"repo_name": repo, "branch_name": branch}
+        if github_token:
+            body["github_token"] = github_token  # hosted Potpie ignores it; self-hosted forks use it
+        data = self._call("parse", "POST", "/api/v2/parse", lambda r: r.json(), json=body)
+        return str(data["project_id"]), str(data.get("status") or "submitted")
+
+    def find_project(self, repo: str, branch: str) -> str | None:
+        """The project id Potpie holds for repo@branch, or None when it has none."""
+        try:
+            data = self._call("parsing_status_by_repo", "POST", "/api/v2/parsing-status", lambda r: r.json(),
+                              json={"repo_name": repo, "branch_name": branch})
+        except PermanentPotpieError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return str(data["project_id"])
+
+    def parse_status(self, project_id: str) -> str:
+        """Potpie's parsing status for a project (submitted, cloned, parsed, inferring, ready, error…)."""
+        data = self._call("parsing_status", "GET", f"/api/v2/parsing-status/{project_id}", lambda r: r.json())
+        return str(data["status"])
+
+    def create_conversation(self, project_id: str, agent_id: str = AGENT_ID) -> str:
+        """Create a conversation with an agent; return its id."""
+        data = self._call("conversations", "POST", "/api/v2/conversations/", lambda r: r.json(),
+                          json={"project_ids": [project_id], "agent_ids": [agent_id]})
+        return str(data["conversation_id"])
+
+    def send_message(self, conversation_id: str, content: str) -> Reply:
+        """Send a message and wait for the agent's whole reply (streamed or not)."""
+        path = f"/api/v2/conversations/{conversation_id}/message/"
+        if self.stream:
+            return self._call("message", "POST", path, lambda r: parse_stream(r.text),
+                              params={"stream": "true"}, json={"content": content})
+
+        def decode(response: requests.Response) -> Reply:
+            data = response.json()
+            return Reply(str(data["message"]), [str(c) for c in data.get("citations") or []])
+
+        return self._call("message", "POST", path, decode, params={"stream": "false"}, json={"content": content})
+
+    def health(self, timeout: float = 2.0) -> bool:
+        """Whether Potpie's /health answers ok."""
+        try:
+            response = self.session.get(self.base_url + "/health", timeout=timeout)
+            return response.status_code == 200
+        except requests.RequestException:
+            return False

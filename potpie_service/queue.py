@@ -1,0 +1,62 @@
+"""Celery configured in one place, and the one way to schedule a job's step by task name.
+
+Every setting here is deliberate; the README's "Reliability" section explains each.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .config import Settings
+from .connections import celery_ssl_options
+
+RUN_STEP = "potpie.run_step"
+HEARTBEAT = "potpie.heartbeat"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app for the API (producer only) and the workers."""
+    app = Celery("potpie_service", broker=settings.redis_url)
+    step_limit = 3 * settings.request_timeout + 60
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,            # job state lives in our own store, with TTLs
+        result_backend=None,
+        task_default_queue=settings.queue_name,
+        task_acks_late=True,                # ack after the step ran: a crash redelivers it
+        task_reject_on_worker_lost=True,    # ... also when the pool child was killed
+        worker_prefetch_multiplier=1,       # no hoarding; ETA steps are held apart from prefetch anyway
+        task_time_limit=step_limit,         # hard cap for one task; below the visibility timeout
+        task_soft_time_limit=step_limit - 15,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_soft_shutdown_timeout=30.0,  # on SIGTERM, give running steps 30 s, then hand them back
+        worker_enable_soft_shutdown_on_idle=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=20,   # a broker that stays down makes the worker exit for a restart
+        broker_heartbeat=0,
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout,  # > step limit, > every countdown
+            "health_check_interval": 10,
+            "socket_keepalive": True,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+        },
+        broker_use_ssl=celery_ssl_options(settings),
+        worker_direct=True,                 # each worker also consumes its own queue (liveness heartbeats)
+        worker_send_task_events=True,       # Flower sees every task
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app
+
+
+def dispatcher(app: Celery, settings: Settings):
+    """A function that schedules step `seq` of a job after `countdown` seconds."""
+
+    def dispatch(job_id: str, seq: int, countdown: float = 0.0) -> None:
+        app.send_task(RUN_STEP, args=[job_id, seq], queue=settings.queue_name,
+                      countdown=countdown if countdown > 0 else None)
+
+    return dispatch

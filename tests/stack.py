@@ -1,0 +1,192 @@
+"""Real processes for tests and benchmarks: a throwaway redis-server, Celery workers and API servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    """A TCP port that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05,
+              what: str = "condition") -> object:
+    """Poll until `predicate()` is truthy; raise AssertionError naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the thing polled may not be up yet
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error!r})")
+
+
+class RedisServer:
+    """A redis-server on a free port with its own data directory."""
+
+    def __init__(self, port: int | None = None, appendonly: bool = False, password: str | None = None,
+                 extra: list[str] | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise RuntimeError("redis-server not found: `make test` installs it (apt-get install redis-server)")
+        self.binary = binary
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="psvc-redis-")
+        self.appendonly = appendonly
+        self.password = password
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def args(self) -> list[str]:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+                "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        return args + self.extra
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.ping, 10, what=f"redis on port {self.port}")
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=5)
+
+    def ping(self) -> bool:
+        return bool(self.client().ping())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self, down_for: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Service:
+    """A service process (API or worker) with its output in test-artifacts/<name>.log."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.log_path = ARTIFACTS / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Service":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if not self.proc:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        code = self.proc.returncode
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # pool children left behind, if any
+        except ProcessLookupError:
+            pass
+        return code
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def service_env(redis_url: str, potpie_url: str, **overrides: str) -> dict[str, str]:
+    """Environment for a service process under test: fast polls and retries, JSON logs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "POTPIE_", "API_KEYS"))}
+    env.update({
+        "REDIS_URL": redis_url, "POTPIE_BASE_URL": potpie_url, "POTPIE_API_KEY": "sk-simulator",
+        "QUEUE_NAME": "psvc-test", "POTPIE_POLL_INTERVAL": "0.2", "REQUEST_TIMEOUT": "3000",
+        "RETRY_BASE_DELAY": "0.3", "WORKER_HEARTBEAT_INTERVAL": "0.5", "STEP_GRACE": "5",
+        "MAX_CONCURRENT_JOBS": "5", "LOG_FORMAT": "json", "LOG_LEVEL": "info", "AUTH_DISABLED": "true",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(overrides)
+    return env
+
+
+def start_worker(env: dict[str, str], name: str = "worker", concurrency: int = 2,
+                 extra: list[str] | None = None) -> Service:
+    """A Celery worker process (prefork pool); returns once it consumes its own heartbeat."""
+    hostname = f"{name}-{free_port()}@localhost"
+    args = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=INFO", "-E",
+            f"--concurrency={concurrency}", f"--hostname={hostname}", "--without-gossip", "--without-mingle",
+            *(extra or [])]
+    service = Service(name, args, env).start()
+    service.hostname = hostname  # type: ignore[attr-defined]
+    client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+    key = f"psvc:{env.get('QUEUE_NAME', 'potpie-analysis')}:workers"
+    wait_for(lambda: client.zscore(key, hostname) or not service.alive(), 30, what=f"worker {name} heartbeat")
+    assert service.alive(), service.log()[-3000:]
+    return service
+
+
+def start_api(env: dict[str, str], name: str = "api") -> Service:
+    """An API process on a free port; returns once it answers."""
+    port = free_port()
+    service = Service(name, [sys.executable, "-m", "potpie_service", "api"], {**env, "PORT": str(port),
+                                                                             "HOST": "127.0.0.1"}).start()
+    service.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    wait_for(lambda: requests.get(service.url + "/livez", timeout=1).ok or not service.alive(), 30,
+             what=f"api {name}")
+    assert service.alive(), service.log()[-3000:]
+    return service

@@ -1,0 +1,33 @@
+"""Thin Celery tasks over the pipeline: they take a job id and a step number, nothing secret."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from potpie_service.queue import HEARTBEAT, RUN_STEP
+from potpie_service.runtime import WorkerRuntime, make_worker_runtime
+
+from . import app, settings
+
+_runtime: tuple[int, WorkerRuntime] | None = None
+
+
+def runtime() -> WorkerRuntime:
+    """This process's runtime, built after the pool forked (connections are not shared across fork)."""
+    global _runtime
+    if _runtime is None or _runtime[0] != os.getpid():
+        _runtime = (os.getpid(), make_worker_runtime(settings, app))
+    return _runtime[1]
+
+
+@app.task(name=RUN_STEP, acks_late=True, ignore_result=True)
+def run_step(job_id: str, seq: int) -> str:
+    """Run a job from step `seq` until it waits or ends."""
+    return runtime().pipeline.run(job_id, int(seq))
+
+
+@app.task(name=HEARTBEAT, ignore_result=True, acks_late=False)
+def heartbeat(hostname: str) -> None:
+    """Proof that this worker consumes: record when it ran (sent to the worker's own queue)."""
+    runtime().store.worker_seen(hostname, time.time())
