@@ -102,6 +102,8 @@ class Settings:
     potpie_poll_interval: float = _env("POTPIE_POLL_INTERVAL", "5", _float(0.05))
     parse_timeout: float = _env("PARSE_TIMEOUT", "3600", _float(1))
     request_timeout_ms: int = _env("REQUEST_TIMEOUT", "60000", _int(100))
+    potpie_call_attempts: int = _env("POTPIE_CALL_ATTEMPTS", "3", _int(1, 10))
+    potpie_stream: bool = _env("POTPIE_STREAM", "true", _bool)
     redis_url_raw: str = _env("REDIS_URL", "", _redis_url, secret=True)
     redis_host: str = _env("REDIS_HOST", "localhost")
     redis_port: int = _env("REDIS_PORT", "6379", _int(1, 65535))
@@ -159,6 +161,10 @@ class Settings:
         problems = []
         if self.redis_tls_key_path and not self.redis_tls_cert_path:
             problems.append("REDIS_TLS_KEY_PATH is set but REDIS_TLS_CERT_PATH is not")
+        if self.broker_visibility_timeout <= self.task_time_limit:
+            problems.append(f"BROKER_VISIBILITY_TIMEOUT={self.broker_visibility_timeout}: must exceed the task time "
+                            f"limit ({self.task_time_limit:.0f} s, from REQUEST_TIMEOUT and POTPIE_CALL_ATTEMPTS), "
+                            "or running steps would be delivered twice")
         if self.token_encryption_key and not valid_key(self.token_encryption_key):
             problems.append("TOKEN_ENCRYPTION_KEY=(hidden): not a Fernet key (make one with "
                             "`python -m potpie_service keygen --token-key`)")
@@ -185,6 +191,16 @@ class Settings:
         elif self.redis_username:
             auth = f"{quote(self.redis_username, safe='')}@"
         return f"{scheme}://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def step_lease(self) -> float:
+        """Seconds a step may hold its job: every timed-out try of one Potpie call, plus backoff."""
+        return self.potpie_call_attempts * (self.request_timeout + 10) + 10
+
+    @property
+    def task_time_limit(self) -> float:
+        """Hard limit of one task run; a run chains steps for at most one lease, then re-dispatches."""
+        return 2 * self.step_lease + 30
 
     @property
     def request_timeout(self) -> float:

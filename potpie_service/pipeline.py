@@ -62,8 +62,7 @@ class Pipeline:
         self.emit = emit
         self.dispatch = dispatch
         self.reveal_token = reveal_token
-        # A step's lease outlives its longest possible run: three timed-out tries plus backoff.
-        self.lease_s = 3 * settings.request_timeout + 30
+        self.lease_s = settings.step_lease
 
     def run(self, job_id: str, seq: int) -> str:
         """Run the job's steps from `seq`; return what happened to this delivery (for logs and tests)."""
@@ -72,13 +71,15 @@ class Pipeline:
         if outcome != "ok":
             log.info("step skipped: %s", outcome, extra={"job_id": job_id, "seq": seq})
             return outcome
+        started = time.monotonic()
         while True:
             change = self._attempt(job)
             if isinstance(change, End):
                 self._end(job, token, change)
                 return "ended"
             seq += 1
-            keep = change.wait <= 0
+            # Chain steps in this run while none must wait, for at most one lease (the task's time limit).
+            keep = change.wait <= 0 and time.monotonic() - started < self.lease_s
             if not self._advance(job, token, seq, change, keep):
                 return "lease_lost"
             if not keep:

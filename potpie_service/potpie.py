@@ -149,6 +149,9 @@ class PotpieClient:
         except requests.ConnectionError as exc:
             outcome = "connection_error"
             raise TransientPotpieError(f"cannot reach Potpie at {self.base_url}: {type(exc).__name__}") from None
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
+            outcome = "cut_off"
+            raise TransientPotpieError(f"Potpie's reply to {endpoint} ended mid-stream") from None
         finally:
             if self.observer:
                 self.observer(endpoint, outcome, time.perf_counter() - started)

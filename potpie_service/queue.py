@@ -17,7 +17,6 @@ HEARTBEAT = "potpie.heartbeat"
 def make_celery(settings: Settings) -> Celery:
     """The Celery app for the API (producer only) and the workers."""
     app = Celery("potpie_service", broker=settings.redis_url)
-    step_limit = 3 * settings.request_timeout + 60
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -27,8 +26,8 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,                # ack after the step ran: a crash redelivers it
         task_reject_on_worker_lost=True,    # ... also when the pool child was killed
         worker_prefetch_multiplier=1,       # no hoarding; ETA steps are held apart from prefetch anyway
-        task_time_limit=step_limit,         # hard cap for one task; below the visibility timeout
-        task_soft_time_limit=step_limit - 15,
+        task_time_limit=settings.task_time_limit,  # hard cap for one task run; below the visibility timeout
+        task_soft_time_limit=settings.task_time_limit - 15,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_soft_shutdown_timeout=30.0,  # on SIGTERM, give running steps 30 s, then hand them back
         worker_enable_soft_shutdown_on_idle=True,

@@ -35,7 +35,7 @@ def make_worker_runtime(settings: Settings, app: Celery, observer=None) -> Worke
     store = make_store(settings)
     cipher = TokenCipher(settings.token_encryption_key)
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout,
-                          observer=observer)
+                          attempts=settings.potpie_call_attempts, observer=observer, stream=settings.potpie_stream)
     emitter = Emitter(settings)
     pipeline = Pipeline(settings, store, potpie, emitter.emit, dispatcher(app, settings),
                         lambda job_id: cipher.decrypt(store.secret(job_id)))

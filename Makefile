@@ -1,0 +1,34 @@
+# The commands the README shows. `make test` and `make dev` work from a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast dev bench lint clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with the pinned dependencies
+	@scripts/ensure-redis.sh
+
+test: install ## the whole suite (starts its own throwaway Redis servers)
+	$(PY) -m pytest
+
+test-fast: install ## everything but the slow fault-injection and load tests
+	$(PY) -m pytest -m "not slow"
+
+dev: install ## the whole stack in the foreground: Redis, simulator (without POTPIE_API_KEY), API, worker, Flower
+	$(PY) scripts/dev.py
+
+bench: install ## benchmarks; writes docs/performance.md
+	$(PY) -m bench.run
+
+lint: install
+	$(PY) -m ruff check potpie_service workers tests || true
+
+clean:
+	rm -rf $(VENV) test-artifacts .pytest_cache

@@ -1,0 +1,95 @@
+"""Shared fixtures: a throwaway Redis, the Potpie simulator, and a running stack (worker + API)."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from potpie_service.simulator import Simulator, SimulatorConfig  # noqa: E402
+from tests.stack import RedisServer, Service, service_env, start_api, start_worker, wait_for  # noqa: E402
+
+SIM_KEY = "sk-simulator"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[Simulator]:
+    sim = Simulator(SimulatorConfig(api_key=SIM_KEY, parse_seconds=0.6, slow_parse_seconds=3.0, hang_seconds=4.0))
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@dataclass
+class Stack:
+    """A running service: its environment, API and workers."""
+
+    env: dict[str, str]
+    api: Service
+    workers: list[Service]
+    redis: RedisServer
+    simulator: Simulator
+
+    @property
+    def url(self) -> str:
+        return self.api.url  # type: ignore[attr-defined]
+
+    def submit(self, repo: str = "octocat/Hello-World", **body: object) -> dict:
+        response = requests.post(self.url + "/analyze", json={"repo": repo, **body}, timeout=5)
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    def status(self, job_id: str) -> dict:
+        return requests.get(f"{self.url}/status/{job_id}", timeout=5).json()
+
+    def wait_final(self, job_id: str, timeout: float = 30.0) -> dict:
+        def final() -> dict | None:
+            body = self.status(job_id)
+            return body if body.get("status") in ("finished", "failed", "cancelled") else None
+
+        return wait_for(final, timeout, interval=0.1, what=f"job {job_id} to end")  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        self.api.stop()
+        for worker in self.workers:
+            worker.stop()
+
+
+def make_stack(redis_server: RedisServer, simulator: Simulator, name: str, workers: int = 1,
+               concurrency: int = 2, **overrides: str) -> Stack:
+    """Start workers and an API on a queue of their own."""
+    env = service_env(redis_server.url, simulator.url, QUEUE_NAME=f"q-{name}-{uuid.uuid4().hex[:6]}", **overrides)
+    started = [start_worker(env, f"{name}-worker{i}", concurrency) for i in range(workers)]
+    api = start_api(env, f"{name}-api")
+    return Stack(env, api, started, redis_server, simulator)
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: RedisServer, simulator: Simulator) -> Iterator[Stack]:
+    """The default stack: one worker (2 processes), one API, auth disabled, PARSE_TIMEOUT 4 s."""
+    running = make_stack(redis_server, simulator, "main", PARSE_TIMEOUT="4")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def sim_stats(simulator: Simulator):
+    def stats() -> dict:
+        return requests.get(simulator.url + "/_sim/stats", timeout=5).json()
+    return stats

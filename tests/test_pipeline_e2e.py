@@ -1,0 +1,193 @@
+"""The analysis pipeline end to end: real API and worker processes, real Redis, the simulator over HTTP."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Iterator
+
+import pytest
+import requests
+
+from tests.conftest import Stack, make_stack
+from tests.stack import wait_for
+
+
+def test_happy_path_result_field_by_field(stack: Stack, sim_stats) -> None:
+    accepted = stack.submit("octocat/Hello-World", branch="main", question="What does it do?")
+    job_id = accepted["job_id"]
+    assert accepted["project_id"] == job_id and len(job_id) == 32
+    assert accepted["status"] == "queued" and accepted["success"] is True
+    assert isinstance(accepted["queue_position"], int)
+
+    final = stack.wait_final(job_id)
+    assert final["status"] == "finished", final
+    assert final["progress"] == 100
+    assert final["attempts"] == 1 and final["max_attempts"] == 4
+    assert final["potpie_project_id"]
+    assert final["details"]["failed_reason"] is None
+    assert final["details"]["processed_at"] and final["details"]["finished_at"]
+    result = final["result"]
+    assert result["project_id"] == job_id
+    assert result["potpie_project_id"] == final["potpie_project_id"]
+    assert (result["repo"], result["branch"], result["question"]) == ("octocat/Hello-World", "main",
+                                                                       "What does it do?")
+    assert result["parsing_status"] == "ready"
+    assert "octocat/Hello-World" in result["answer"] and "What does it do?" in result["answer"]
+    assert result["citations"] == ["src/app.py", "src/service.py"]
+    assert result["snippets_count"] == len(result["snippets"]) == 3
+    first = result["snippets"][0]
+    assert set(first) == {"node_id", "file_path", "line_start", "line_end", "tags", "description"}
+    assert first["file_path"] == "src/app.py" and first["line_start"] == 1 and first["line_end"] == 20
+    assert "overview" in result["analysis_response"] and "snippets" not in result["analysis_response"]
+    meta = result["metadata"]
+    assert meta["job_id"] == job_id and meta["attempts"] == 1 and meta["has_github_token"] is False
+    assert meta["processing_time_ms"] > 0 and meta["parsed_at"]
+
+
+def test_progress_is_monotonic_and_states_follow_the_lifecycle(stack: Stack) -> None:
+    job_id = stack.submit("slow-parse/progress")["job_id"]
+    seen: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        body = stack.status(job_id)
+        if not seen or seen[-1] != (body["status"], body["progress"]):
+            seen.append((body["status"], body["progress"]))
+        if body["status"] in ("finished", "failed"):
+            break
+        time.sleep(0.05)
+    progresses = [p for _, p in seen]
+    assert progresses == sorted(progresses), seen
+    statuses = [s for s, _ in seen]
+    assert statuses[-1] == "finished"
+    assert "parsing" in statuses
+    assert len({p for s, p in seen if s == "parsing"}) >= 3, seen  # follows Potpie's parse statuses
+    order = ["queued", "parsing", "ready", "processing_conversations", "finished"]
+    assert [order.index(s) for s in statuses] == sorted(order.index(s) for s in statuses)
+
+
+@pytest.mark.parametrize("repo, reason", [
+    ("parse-error/demo", "could not parse the repository"),
+    ("usage-limit/demo", "usage limit reached (402)"),
+    ("unauthorized/demo", "rejected the API key (401)"),
+])
+def test_errors_that_cannot_improve_fail_at_once(stack: Stack, repo: str, reason: str) -> None:
+    final = stack.wait_final(stack.submit(repo)["job_id"])
+    assert final["status"] == "failed"
+    assert reason in final["details"]["failed_reason"]
+    assert final["attempts"] == 1, "a permanent error must not be retried"
+    assert "result" not in final
+
+
+def test_parse_stuck_past_parse_timeout_fails_with_reason(stack: Stack) -> None:
+    final = stack.wait_final(stack.submit("stuck/demo")["job_id"], timeout=30)
+    assert final["status"] == "failed"
+    assert "PARSE_TIMEOUT (4 s)" in final["details"]["failed_reason"]
+    assert "last status: submitted" in final["details"]["failed_reason"]
+
+
+@pytest.mark.parametrize("repo", ["flaky/inline", "rate-limited/inline", "bad-json/inline",
+                                  "truncated-stream/inline", "timeout/inline"])
+def test_transient_failures_are_retried_inside_the_step(stack: Stack, repo: str) -> None:
+    final = stack.wait_final(stack.submit(repo)["job_id"], timeout=40)
+    assert final["status"] == "finished", final
+    assert final["attempts"] == 1, "tenacity absorbed the failure without a job-level retry"
+
+
+def test_malformed_agent_json_keeps_the_raw_text(stack: Stack) -> None:
+    final = stack.wait_final(stack.submit("malformed-reply/demo")["job_id"])
+    assert final["status"] == "finished"
+    analysis = final["result"]["analysis_response"]
+    assert "no valid JSON" in analysis["parse_error"]
+    assert "```json" in analysis["raw_text"]
+    assert final["result"]["snippets"] == [] and final["result"]["snippets_count"] == 0
+
+
+def test_unknown_job_is_404_json(stack: Stack) -> None:
+    for job_id in ("0" * 32, "not-an-id"):
+        response = requests.get(f"{stack.url}/status/{job_id}", timeout=5)
+        assert response.status_code == 404
+        assert response.json()["success"] is False
+
+
+@pytest.fixture(scope="module")
+def retry_stack(redis_server, simulator) -> Iterator[Stack]:
+    """One Potpie try per call, so every transient failure becomes a job-level retry."""
+    running = make_stack(redis_server, simulator, "retry", POTPIE_CALL_ATTEMPTS="1", MAX_RETRIES="5",
+                         RETRY_BASE_DELAY="0.2")
+    yield running
+    running.stop()
+
+
+def test_job_level_retry_resumes_without_parsing_again(retry_stack: Stack, sim_stats) -> None:
+    final = retry_stack.wait_final(retry_stack.submit("flaky/resume")["job_id"], timeout=40)
+    assert final["status"] == "finished", final
+    # parse 503, status 503, conversation 503, message 503: four failed attempts, the fifth succeeds
+    assert final["attempts"] == 5
+    assert final["result"]["metadata"]["attempts"] == 5
+    # the first parse never created a project; the second did; later retries resumed after it
+    assert sim_stats()["parse_calls"]["flaky/resume@main"] == 2
+
+
+def test_exhausted_retries_fail_with_the_attempt_count(retry_stack: Stack) -> None:
+    final = retry_stack.wait_final(retry_stack.submit("server-error/demo")["job_id"], timeout=40)
+    assert final["status"] == "failed"
+    assert final["attempts"] == 6 and final["max_attempts"] == 6
+    assert "gave up after 6 attempts" in final["details"]["failed_reason"]
+    assert "server error (500)" in final["details"]["failed_reason"]
+
+
+@pytest.fixture(scope="module")
+def narrow_stack(redis_server, simulator) -> Iterator[Stack]:
+    """MAX_CONCURRENT_JOBS=2 across two worker processes on separate hosts."""
+    running = make_stack(redis_server, simulator, "narrow", workers=2, concurrency=2, MAX_CONCURRENT_JOBS="2",
+                         POTPIE_POLL_INTERVAL="0.1")
+    yield running
+    running.stop()
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def test_queue_positions_are_fifo_and_the_cap_holds_across_workers(narrow_stack: Stack) -> None:
+    jobs = [narrow_stack.submit(f"slow-parse/cap{i}") for i in range(6)]
+    positions = [job["queue_position"] for job in jobs]
+    assert positions[:2] == [0, 0], "the first two take the free slots"
+    assert positions[2:] == [1, 2, 3, 4]
+    assert [narrow_stack.status(job["job_id"])["queue_position"] for job in jobs[2:]] == [1, 2, 3, 4]
+    finals = [narrow_stack.wait_final(job["job_id"], timeout=60) for job in jobs]
+    assert all(final["status"] == "finished" for final in finals)
+    client = narrow_stack.redis.client()
+    prefix = f"psvc:{narrow_stack.env['QUEUE_NAME']}:job:"
+    admitted = [float(client.hget(prefix + job["job_id"], "admitted_at")) for job in jobs]
+    assert admitted == sorted(admitted), "jobs are admitted in submission order"
+    spans = [(_ts(f["details"]["processed_at"]), _ts(f["details"]["finished_at"])) for f in finals]
+    for start, _ in spans:
+        running = sum(1 for s, e in spans if s <= start < e)
+        assert running <= 2, f"{running} jobs ran at once with MAX_CONCURRENT_JOBS=2"
+
+
+@pytest.fixture(scope="module")
+def ttl_stack(redis_server, simulator) -> Iterator[Stack]:
+    running = make_stack(redis_server, simulator, "ttl", JOB_TTL_COMPLETED="2", JOB_TTL_FAILED="3")
+    yield running
+    running.stop()
+
+
+def test_finished_and_failed_jobs_expire_after_their_ttl(ttl_stack: Stack) -> None:
+    done = ttl_stack.wait_final(ttl_stack.submit("octocat/ttl")["job_id"])
+    failed = ttl_stack.wait_final(ttl_stack.submit("parse-error/ttl")["job_id"])
+    assert (done["status"], failed["status"]) == ("finished", "failed")
+    client = ttl_stack.redis.client()
+    prefix = f"psvc:{ttl_stack.env['QUEUE_NAME']}:"
+    assert client.ttl(prefix + "job:" + done["job_id"]) <= 2
+    assert 2 < client.ttl(prefix + "job:" + failed["job_id"]) <= 3
+    wait_for(lambda: requests.get(f"{ttl_stack.url}/status/{done['job_id']}", timeout=5).status_code == 404, 6,
+             what="the finished job to expire")
+    wait_for(lambda: requests.get(f"{ttl_stack.url}/status/{failed['job_id']}", timeout=5).status_code == 404, 6,
+             what="the failed job to expire")
+    stats = requests.get(ttl_stack.url + "/queue/stats", timeout=5).json()["stats"]
+    assert stats["completed"] == 0 and stats["failed"] == 0
+    leftovers = [k for k in client.scan_iter(prefix + "*") if done["job_id"] in k or failed["job_id"] in k]
+    assert leftovers == []
