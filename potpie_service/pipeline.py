@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[str, int, float], None]  # (job_id, seq, countdown seconds)
 EmitFn = Callable[[str, list], None]  # (job_id, [(event, payload)])
+Observe = Callable[[str, dict[str, str]], None]  # (what happened, job record after it): metrics, webhooks
+
+
+def _ignore(_what: str, _job: dict[str, str]) -> None:
+    """The default observer: nothing to do."""
 
 
 @dataclass
@@ -55,8 +60,9 @@ class Pipeline:
     """Drives jobs through Potpie; shared by every task execution of a worker process."""
 
     def __init__(self, settings: Settings, store: JobStore, potpie: PotpieClient, emit: EmitFn,
-                 dispatch: Dispatch, reveal_token: Callable[[str], str | None]) -> None:
+                 dispatch: Dispatch, reveal_token: Callable[[str], str | None], observe: Observe = _ignore) -> None:
         self.settings = settings
+        self.observe = observe
         self.store = store
         self.potpie = potpie
         self.emit = emit
@@ -200,7 +206,10 @@ class Pipeline:
         if event_seq < 0:
             log.warning("lost the step lease; another delivery owns the job", extra={"job_id": job["id"]})
             return False
+        previous = job.get("status")
         job.update({k: str(v) for k, v in fields.items()})
+        if previous != change.status.value:
+            self.observe("transition", {**job, "previous_status": previous or ""})
         if event_seq:
             self.emit(job["id"], [("status_update", status_update(job, event_seq, **change.event_extra))])
         if change.status is JobStatus.RETRYING:
@@ -217,7 +226,9 @@ class Pipeline:
         if seq < 0:
             log.warning("could not end the job (lease lost or already ended)", extra={"job_id": job["id"]})
             return
+        previous = job.get("status", "")
         job.update({k: str(v) for k, v in change.fields.items()}, status=change.status.value)
         self.emit(job["id"], final_events(job, seq))
+        self.observe("ended", {**job, "previous_status": previous})
         for admitted_id in admitted:
             self.dispatch(admitted_id, 0, 0)
