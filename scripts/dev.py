@@ -1,0 +1,145 @@
+"""`make dev`: the whole stack in the foreground — Redis, the Potpie simulator (without a key), API, worker, Flower.
+
+Ctrl-C stops everything this script started. Settings come from .env and the environment, as in production.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+from dotenv import load_dotenv
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from potpie_service.auth import new_key  # noqa: E402
+from potpie_service.config import ConfigError, Settings  # noqa: E402
+from potpie_service.tokens import new_key as new_token_key  # noqa: E402
+
+SIMULATOR_PORT = 8765
+FLOWER_PORT = 5555
+
+
+def reachable(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def main() -> int:
+    if (ROOT / ".env").exists():
+        load_dotenv(ROOT / ".env", override=False)
+    env = dict(os.environ)
+    children: list[tuple[str, subprocess.Popen]] = []
+    data_dir = None
+
+    def start(name: str, args: list[str]) -> None:
+        children.append((name, subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True)))
+
+    try:
+        settings = Settings.from_env(env)
+    except ConfigError as exc:
+        print(f"make dev: {exc}", file=sys.stderr)
+        return 2
+
+    if not reachable(settings.redis_url):
+        if env.get("REDIS_URL"):
+            print(f"make dev: REDIS_URL is set but Redis does not answer there", file=sys.stderr)
+            return 2
+        port = settings.redis_port
+        binary = shutil.which("redis-server")
+        if not binary:
+            print("make dev: no Redis reachable and no redis-server binary (apt-get install redis-server)",
+                  file=sys.stderr)
+            return 2
+        data_dir = tempfile.mkdtemp(prefix="psvc-dev-redis-")
+        start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir,
+                        "--appendonly", "yes", "--maxmemory-policy", "noeviction", "--loglevel", "warning"])
+        env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        for _ in range(50):
+            if reachable(env["REDIS_URL"]):
+                break
+            time.sleep(0.1)
+    else:
+        env.setdefault("REDIS_URL", settings.redis_url)
+
+    if not env.get("POTPIE_API_KEY"):
+        env["POTPIE_API_KEY"] = env["SIMULATOR_API_KEY"] = "sk-simulator"
+        env["POTPIE_BASE_URL"] = f"http://127.0.0.1:{SIMULATOR_PORT}"
+        env.setdefault("POTPIE_POLL_INTERVAL", "1")
+        start("simulator", [sys.executable, "-m", "potpie_service", "simulator", "--port", str(SIMULATOR_PORT),
+                            "--parse-seconds", env.get("SIMULATOR_PARSE_SECONDS", "8")])
+    if not env.get("TOKEN_ENCRYPTION_KEY"):
+        env["TOKEN_ENCRYPTION_KEY"] = new_token_key()  # this run only; set one in .env to keep tokens across runs
+    dev_key = None
+    if not env.get("API_KEYS") and env.get("AUTH_DISABLED", "").lower() not in ("1", "true", "yes", "on"):
+        dev_key, entry = new_key("dev")
+        env["API_KEYS"] = entry
+    env.setdefault("LOG_FORMAT", "text")
+    flower_auth = env.setdefault("FLOWER_BASIC_AUTH", "admin:admin")
+
+    start("api", [sys.executable, "-m", "potpie_service", "api"])
+    start("worker", [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=INFO", "-E",
+                     "--concurrency=2"])
+    start("flower", [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={FLOWER_PORT}"])
+
+    port = env.get("PORT", "8080")
+    lines = [
+        "",
+        "potpie-service dev stack is starting (Ctrl-C stops everything):",
+        f"  API         http://localhost:{port}/        (health: /health, Socket.IO at /socket.io/)",
+        f"  Job board   http://localhost:{port}/board",
+        f"  Flower      http://localhost:{FLOWER_PORT}/  (user:password {flower_auth})",
+        f"  Redis       {env['REDIS_URL'].split('@')[-1]}",
+        f"  Potpie      {env.get('POTPIE_BASE_URL', 'https://production-api.potpie.ai')}"
+        + ("  (simulator: no POTPIE_API_KEY set)" if env.get("SIMULATOR_API_KEY") else ""),
+    ]
+    if dev_key:
+        lines += [f"  API key     {dev_key}   (this run only; send as Authorization: Bearer <key>)",
+                  "",
+                  "Try it:",
+                  f"  curl -X POST localhost:{port}/analyze -H 'Authorization: Bearer {dev_key}' "
+                  "-H 'Content-Type: application/json' -d '{\"repo\": \"octocat/Hello-World\"}'",
+                  f"  POTPIE_SERVICE_API_KEY={dev_key} .venv/bin/python -m potpie_service analyze octocat/Hello-World"]
+    print("\n".join(lines) + "\n", flush=True)
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    print(f"make dev: {name} exited with status {proc.returncode}; stopping the stack",
+                          file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping...", file=sys.stderr)
+        return 0
+    finally:
+        for _, proc in reversed(children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 15
+        for _, proc in children:
+            try:
+                proc.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        if data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
