@@ -34,18 +34,44 @@ local function admit(prefix, max, now)
 end
 """
 
-# ARGV: prefix, max, now, id, owner, encrypted token ('' for none), token ttl, field, value, ...
+# ARGV: prefix, max, now, id, owner, encrypted token ('' for none), token ttl, dedup key ('' for none),
+#       idempotency key ('' for none), request hash, idempotency ttl, field, value, ...
 _SUBMIT = _ADMIT + """
 local prefix, max, now, id = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local dedup, idem = ARGV[8], ARGV[9]
+if idem ~= '' then
+  local seen = redis.call('HMGET', idem, 'job_id', 'hash')
+  if seen[1] then
+    if seen[2] ~= ARGV[10] then return {'conflict', seen[1]} end
+    return {'replayed', seen[1]}
+  end
+end
+if dedup ~= '' then
+  local other = redis.call('GET', dedup)
+  if other then
+    local status = redis.call('HGET', prefix .. 'job:' .. other, 'status')
+    if status and status ~= 'finished' and status ~= 'failed' and status ~= 'cancelled' then
+      return {'duplicate', other}
+    end
+  end
+end
 local key = prefix .. 'job:' .. id
 local ticket = redis.call('INCR', prefix .. 'tickets')
-redis.call('HSET', key, 'ticket', ticket, unpack(ARGV, 8))
+redis.call('HSET', key, 'ticket', ticket, unpack(ARGV, 12))
 redis.call('ZADD', prefix .. 'waiting', ticket, id)
 redis.call('ZADD', prefix .. 'owner:' .. ARGV[5], now, id)
 if ARGV[6] ~= '' then redis.call('SET', prefix .. 'secret:' .. id, ARGV[6], 'EX', ARGV[7]) end
+if idem ~= '' then
+  redis.call('HSET', idem, 'job_id', id, 'hash', ARGV[10])
+  redis.call('EXPIRE', idem, ARGV[11])
+end
+if dedup ~= '' then
+  redis.call('SET', dedup, id)
+  redis.call('HSET', key, 'dedup_key', dedup)
+end
 local admitted = admit(prefix, max, now)
 local rank = redis.call('ZRANK', prefix .. 'waiting', id)
-return {rank or -1, admitted}
+return {'created', id, rank or -1, admitted}
 """
 
 # ARGV: prefix, id, seq, token, ttl_ms
@@ -89,6 +115,14 @@ redis.call('ZREM', prefix .. 'active', id)
 redis.call('ZREM', prefix .. 'waiting', id)
 redis.call('ZADD', prefix .. ARGV[7], now, id)
 redis.call('EXPIRE', key, ARGV[6])
+local owner = redis.call('HGET', key, 'owner')
+if owner then redis.call('ZADD', prefix .. 'owner:' .. owner .. ':' .. ARGV[7], now, id) end
+local dedup = redis.call('HGET', key, 'dedup_key')
+if dedup and redis.call('GET', dedup) == id then redis.call('DEL', dedup) end
+if ARGV[7] == 'finished' then
+  redis.call('LPUSH', prefix .. 'durations', now - tonumber(redis.call('HGET', key, 'admitted_at') or now))
+  redis.call('LTRIM', prefix .. 'durations', 0, 49)
+end
 redis.call('HSET', key, 'emitted_at', now)
 local seq = redis.call('HINCRBY', key, 'event_seq', 2) - 1
 return {seq, admit(prefix, tonumber(ARGV[5]), now)}
@@ -104,10 +138,22 @@ class StoreUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Submitted:
-    """What `JobStore.submit` did: the job's place in line and the jobs now admitted to run."""
+    """What `JobStore.submit` did: created, or found an existing job (replayed, duplicate, conflict)."""
 
-    queue_position: int
-    admitted: list[str]
+    outcome: str
+    job_id: str
+    queue_position: int | None = None
+    admitted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dedup:
+    """Keys that make a submission return an existing job instead of a new one."""
+
+    request_key: str = ""      # identical request while the first is queued or running
+    idempotency_key: str = ""  # client's Idempotency-Key
+    request_hash: str = ""     # what the Idempotency-Key was first used for
+    idempotency_ttl: int = 86400
 
 
 def _flatten(fields: dict[str, Any]) -> list[str]:
@@ -138,11 +184,16 @@ class JobStore:
         return f"{self.prefix}job:{job_id}"
 
     def submit(self, job_id: str, owner: str, fields: dict[str, Any], secret: str = "",
-               secret_ttl: int = 86400) -> Submitted:
+               secret_ttl: int = 86400, dedup: Dedup = Dedup()) -> Submitted:
         """Store a new job at the back of the line and admit what fits; one round trip."""
-        rank, admitted = self._submit(args=[self.prefix, self.max_concurrent, time.time(), job_id, owner,
-                                            secret, secret_ttl, *_flatten(fields)])
-        return Submitted(int(rank) + 1, list(admitted))
+        reply = self._submit(args=[
+            self.prefix, self.max_concurrent, time.time(), job_id, owner, secret, secret_ttl,
+            f"{self.prefix}dedup:{owner}:{dedup.request_key}" if dedup.request_key else "",
+            f"{self.prefix}idem:{owner}:{dedup.idempotency_key}" if dedup.idempotency_key else "",
+            dedup.request_hash, dedup.idempotency_ttl, *_flatten(fields)])
+        if reply[0] != "created":
+            return Submitted(reply[0], reply[1])
+        return Submitted("created", reply[1], int(reply[2]) + 1, tuple(reply[3]))
 
     def get(self, job_id: str) -> dict[str, str] | None:
         """A job's record, or None when unknown or expired."""
@@ -241,6 +292,24 @@ class JobStore:
         waiting, active, completed, failed, cancelled = pipe.execute()[3:]
         return {"waiting": waiting, "active": active, "completed": completed, "failed": failed,
                 "cancelled": cancelled, "total": waiting + active + completed + failed + cancelled}
+
+    def owner_jobs(self, owner: str, status: str | None, offset: int, limit: int) -> tuple[int, list[dict[str, str]]]:
+        """(total, page) of an owner's jobs, newest first; `status` finished|failed|cancelled narrows it."""
+        index = f"{self.prefix}owner:{owner}" + (f":{status}" if status else "")
+        ttl = self.ttl[JobStatus(status)] if status else max(self.ttl.values())
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(index, "-inf", time.time() - ttl)
+        pipe.zcard(index)
+        pipe.zrevrange(index, offset, offset + limit - 1)
+        _, total, ids = pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self.key(job_id))
+        return int(total), [record for record in pipe.execute() if record]
+
+    def recent_durations(self) -> list[float]:
+        """Durations (s) of the last finished jobs, newest first (for ETAs)."""
+        return [float(d) for d in self.redis.lrange(f"{self.prefix}durations", 0, -1)]
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless Redis answers."""
