@@ -180,9 +180,9 @@ def start_worker(env: dict[str, str], name: str = "worker", concurrency: int = 2
     return service
 
 
-def start_api(env: dict[str, str], name: str = "api") -> Service:
-    """An API process on a free port; returns once it answers."""
-    port = free_port()
+def start_api(env: dict[str, str], name: str = "api", port: int | None = None) -> Service:
+    """An API process on `port` (default: a free one); returns once it answers."""
+    port = port or free_port()
     service = Service(name, [sys.executable, "-m", "potpie_service", "api"], {**env, "PORT": str(port),
                                                                              "HOST": "127.0.0.1"}).start()
     service.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
