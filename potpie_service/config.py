@@ -7,6 +7,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 from urllib.parse import quote, urlsplit
 
+from limits import parse_many
+
+from .auth import bad_entries
 from .tokens import valid_key
 
 
@@ -87,6 +90,17 @@ def _existing_file(raw: str) -> str:
     return value
 
 
+def _rate_limit(raw: str) -> str:
+    value = raw.strip()
+    if value.lower() in ("off", "none", ""):
+        return ""
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ValueError("expected a limit like 60/minute (several: 10/second;100/hour), or off") from None
+    return value
+
+
 def _env(name: str, default: str, parse: Callable[[str], Any] = _str, secret: bool = False) -> Any:
     return field(default=parse(default), metadata={"env": name, "parse": parse, "secret": secret})
 
@@ -133,7 +147,13 @@ class Settings:
     auth_disabled: bool = _env("AUTH_DISABLED", "false", _bool)
     token_encryption_key: str = _env("TOKEN_ENCRYPTION_KEY", "", secret=True)
     metrics_token: str = _env("METRICS_TOKEN", "", secret=True)
-    rate_limit: str = _env("RATE_LIMIT", "60/minute")
+    rate_limit: str = _env("RATE_LIMIT", "60/minute", _rate_limit)
+    trusted_proxies: int = _env("TRUSTED_PROXIES", "0", _int(0, 5))
+    dedup_enabled: bool = _env("DEDUP_ENABLED", "true", _bool)
+    potpie_rate_limit: float = _env("POTPIE_RATE_LIMIT", "0", _float(0))
+    webhook_secret: str = _env("WEBHOOK_SECRET", "", secret=True)
+    webhook_allow_private: bool = _env("WEBHOOK_ALLOW_PRIVATE", "false", _bool)
+    webhook_max_attempts: int = _env("WEBHOOK_MAX_ATTEMPTS", "5", _int(1, 20))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -168,6 +188,10 @@ class Settings:
         if self.token_encryption_key and not valid_key(self.token_encryption_key):
             problems.append("TOKEN_ENCRYPTION_KEY=(hidden): not a Fernet key (make one with "
                             "`python -m potpie_service keygen --token-key`)")
+        for name, entries in (("API_KEYS", self.api_keys), ("OPS_API_KEYS", self.ops_api_keys)):
+            if bad_entries(entries):
+                problems.append(f"{name}=(hidden): entries for {', '.join(bad_entries(entries))} are not "
+                                "'name:sha256hex' (the hash from `python -m potpie_service keygen`, not the key)")
         if not self.potpie_base_url.startswith(("http://", "https://")):
             problems.append("POTPIE_BASE_URL: must start with http:// or https://")
         return problems

@@ -11,6 +11,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
+from .throttle import RateLimitTimeout
+
 AGENT_ID = "codebase_qna_agent"
 MAX_INLINE_RETRY_AFTER = 30.0  # a longer Retry-After is handed to the job-level retry instead
 
@@ -124,23 +126,31 @@ class PotpieClient:
     """Blocking client for the Potpie v2 routes the pipeline uses."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float, attempts: int = 3,
-                 observer: Observer | None = None, stream: bool = True) -> None:
+                 observer: Observer | None = None, stream: bool = True, limiter: Any = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.attempts = attempts
         self.stream = stream
         self.observer = observer
+        self.limiter = limiter  # a shared TokenBucket (POTPIE_RATE_LIMIT), or None
         self.session = requests.Session()
         self.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=32))
         self.session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=32))
         self.session.headers.update({"X-API-Key": api_key, "Accept": "application/json"})
 
     def _once(self, endpoint: str, method: str, path: str, **kwargs: Any) -> requests.Response:
+        if self.limiter is not None:
+            try:
+                self.limiter.acquire(max_wait=self.timeout)
+            except RateLimitTimeout as exc:
+                raise TransientPotpieError(str(exc)) from None
         started = time.perf_counter()
         outcome = "error"
         try:
             response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
             outcome = str(response.status_code)
+            if response.status_code == 429 and self.limiter is not None:
+                self.limiter.pause(_retry_after(response) or 1.0)
             check(response)
             return response
         except requests.Timeout:

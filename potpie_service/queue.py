@@ -12,6 +12,7 @@ from .connections import celery_ssl_options
 
 RUN_STEP = "potpie.run_step"
 HEARTBEAT = "potpie.heartbeat"
+DELIVER_WEBHOOK = "potpie.deliver_webhook"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -59,3 +60,13 @@ def dispatcher(app: Celery, settings: Settings):
                       countdown=countdown if countdown > 0 else None)
 
     return dispatch
+
+
+def webhook_scheduler(app: Celery, settings: Settings):
+    """A function that schedules webhook delivery attempt `attempt` of a job after `countdown` seconds."""
+
+    def schedule(job_id: str, attempt: int, countdown: float = 0.0) -> None:
+        app.send_task(DELIVER_WEBHOOK, args=[job_id, attempt], queue=settings.queue_name,
+                      countdown=countdown if countdown > 0 else None)
+
+    return schedule

@@ -10,10 +10,12 @@ from .config import Settings
 from .connections import make_redis
 from .events import Emitter
 from .jobs import JobStore
-from .pipeline import Pipeline
+from .pipeline import Observe, Pipeline
 from .potpie import PotpieClient
-from .queue import dispatcher
+from .queue import dispatcher, webhook_scheduler
+from .throttle import TokenBucket
 from .tokens import TokenCipher
+from .webhooks import WebhookNotifier
 
 
 def make_store(settings: Settings) -> JobStore:
@@ -24,19 +26,34 @@ def make_store(settings: Settings) -> JobStore:
 
 @dataclass
 class WorkerRuntime:
-    """What a worker process needs to run steps."""
+    """What a worker process needs to run steps and deliver webhooks."""
 
     store: JobStore
     pipeline: Pipeline
+    webhooks: WebhookNotifier
+
+
+def _fan_out(*observers: Observe) -> Observe:
+    def observe(what: str, job: dict[str, str]) -> None:
+        for observer in observers:
+            observer(what, job)
+
+    return observe
 
 
 def make_worker_runtime(settings: Settings, app: Celery, observer=None) -> WorkerRuntime:
     """Wire the pipeline for one worker process (call after the pool forks)."""
     store = make_store(settings)
     cipher = TokenCipher(settings.token_encryption_key)
+    limiter = None
+    if settings.potpie_rate_limit > 0:
+        limiter = TokenBucket(store.redis, f"{store.prefix}potpie-bucket", settings.potpie_rate_limit)
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout,
-                          attempts=settings.potpie_call_attempts, observer=observer, stream=settings.potpie_stream)
+                          attempts=settings.potpie_call_attempts, observer=observer, stream=settings.potpie_stream,
+                          limiter=limiter)
     emitter = Emitter(settings)
+    webhooks = WebhookNotifier(store, settings.webhook_secret, settings.webhook_allow_private,
+                               settings.webhook_max_attempts, webhook_scheduler(app, settings))
     pipeline = Pipeline(settings, store, potpie, emitter.emit, dispatcher(app, settings),
-                        lambda job_id: cipher.decrypt(store.secret(job_id)))
-    return WorkerRuntime(store, pipeline)
+                        lambda job_id: cipher.decrypt(store.secret(job_id)), observe=_fan_out(webhooks.on_event))
+    return WorkerRuntime(store, pipeline, webhooks)

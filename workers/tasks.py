@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from potpie_service.queue import HEARTBEAT, RUN_STEP
+from potpie_service.queue import DELIVER_WEBHOOK, HEARTBEAT, RUN_STEP
 from potpie_service.runtime import WorkerRuntime, make_worker_runtime
 
 from . import app, settings
@@ -25,6 +25,12 @@ def runtime() -> WorkerRuntime:
 def run_step(job_id: str, seq: int) -> str:
     """Run a job from step `seq` until it waits or ends."""
     return runtime().pipeline.run(job_id, int(seq))
+
+
+@app.task(name=DELIVER_WEBHOOK, ignore_result=True)
+def deliver_webhook(job_id: str, attempt: int) -> str:
+    """One attempt to POST a job's final event to its callback_url."""
+    return runtime().webhooks.deliver(job_id, int(attempt))
 
 
 @app.task(name=HEARTBEAT, ignore_result=True, acks_late=False)

@@ -1,0 +1,124 @@
+"""Webhooks: check callback URLs, sign deliveries (HMAC-SHA256 over timestamp and body), send them.
+
+Receivers verify `X-Potpie-Signature: sha256=<hex of HMAC(secret, "<timestamp>.<body>")>` and reject a
+`X-Potpie-Timestamp` older than a few minutes (replay protection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import time
+import uuid
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import requests
+
+from .events import final_events
+
+log = logging.getLogger(__name__)
+
+MAX_URL_LENGTH = 2048
+SIGNATURE_HEADER = "X-Potpie-Signature"
+TIMESTAMP_HEADER = "X-Potpie-Timestamp"
+
+
+class UnsafeCallbackUrl(ValueError):
+    """The callback URL is malformed or points at a private, loopback or reserved address."""
+
+
+def _addresses(host: str, port: int) -> set[str]:
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except socket.gaierror:
+        raise UnsafeCallbackUrl(f"callback_url host {host!r} does not resolve") from None
+
+
+def check_url(url: str, allow_private: bool) -> str:
+    """The URL when it is http(s) and (unless allowed) resolves only to public addresses."""
+    if not isinstance(url, str) or len(url) > MAX_URL_LENGTH:
+        raise UnsafeCallbackUrl(f"callback_url must be a string of at most {MAX_URL_LENGTH} characters")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise UnsafeCallbackUrl("callback_url must be an http(s) URL without credentials")
+    if not allow_private:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        for address in _addresses(parts.hostname, port):
+            if not ipaddress.ip_address(address.split("%")[0]).is_global:
+                raise UnsafeCallbackUrl("callback_url points at a private, loopback or reserved address "
+                                        "(set WEBHOOK_ALLOW_PRIVATE=true to allow it)")
+    return url
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """The signature header value for a delivery."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def verify(secret: str, timestamp: str, body: bytes, signature: str, tolerance: float = 300) -> bool:
+    """Receiver-side check: a valid signature on a recent timestamp."""
+    try:
+        fresh = abs(time.time() - float(timestamp)) <= tolerance
+    except ValueError:
+        return False
+    return fresh and hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+def deliver(url: str, event: str, payload: dict[str, Any], secret: str, allow_private: bool,
+            timeout: float = 10.0) -> int:
+    """POST the event once; return the HTTP status, raise on a network error or a non-2xx answer."""
+    check_url(url, allow_private)  # again at delivery: DNS may have changed since the job was submitted
+    body = json.dumps({"event": event, **payload}, separators=(",", ":")).encode()
+    timestamp = str(int(time.time()))
+    headers = {"Content-Type": "application/json", "User-Agent": "potpie-service-webhook/1",
+               TIMESTAMP_HEADER: timestamp, "X-Potpie-Event": event, "X-Potpie-Delivery": uuid.uuid4().hex}
+    if secret:
+        headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
+    response = requests.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+    if not 200 <= response.status_code < 300:
+        raise requests.HTTPError(f"webhook answered {response.status_code}")
+    return response.status_code
+
+
+class WebhookNotifier:
+    """Sends a job's final event to its callback_url after it ends, retrying with backoff."""
+
+    def __init__(self, store: Any, secret: str, allow_private: bool, max_attempts: int,
+                 schedule: Callable[[str, int, float], None]) -> None:
+        self.store = store
+        self.secret = secret
+        self.allow_private = allow_private
+        self.max_attempts = max_attempts
+        self.schedule = schedule  # (job_id, attempt, countdown): enqueue a delivery attempt
+
+    def on_event(self, what: str, job: dict[str, str]) -> None:
+        """Pipeline observer: schedule the first delivery when a job with a callback finishes or fails."""
+        if what == "ended" and job.get("callback_url") and job.get("status") in ("finished", "failed"):
+            self.schedule(job["id"], 1, 0)
+
+    def deliver(self, job_id: str, attempt: int) -> str:
+        """One delivery attempt; returns delivered, retrying, failed or gone."""
+        record = self.store.get(job_id)
+        if not record or not record.get("callback_url"):
+            return "gone"
+        event, payload = final_events(record, max(int(record.get("event_seq") or 1) - 1, 0))[-1]
+        try:
+            deliver(record["callback_url"], event, payload, self.secret, self.allow_private)
+        except (requests.RequestException, UnsafeCallbackUrl) as exc:
+            final = attempt >= self.max_attempts or isinstance(exc, UnsafeCallbackUrl)
+            self.store.mark(job_id, webhook_status="failed" if final else "retrying", webhook_attempts=attempt,
+                            webhook_error=str(exc)[:200])
+            log.warning("webhook attempt %d failed: %s", attempt, exc, extra={"job_id": job_id})
+            if final:
+                return "failed"
+            self.schedule(job_id, attempt + 1, min(60.0, 2.0 ** attempt))
+            return "retrying"
+        self.store.mark(job_id, webhook_status="delivered", webhook_attempts=attempt)
+        log.info("webhook delivered after %d attempt(s)", attempt, extra={"job_id": job_id})
+        return "delivered"
