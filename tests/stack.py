@@ -158,7 +158,7 @@ def service_env(redis_url: str, potpie_url: str, **overrides: str) -> dict[str, 
         "QUEUE_NAME": "psvc-test", "POTPIE_POLL_INTERVAL": "0.2", "REQUEST_TIMEOUT": "3000",
         "RETRY_BASE_DELAY": "0.3", "WORKER_HEARTBEAT_INTERVAL": "0.5", "STEP_GRACE": "5",
         "MAX_CONCURRENT_JOBS": "5", "LOG_FORMAT": "json", "LOG_LEVEL": "info", "AUTH_DISABLED": "true",
-        "PYTHONUNBUFFERED": "1",
+        "PYTHONUNBUFFERED": "1", "DEDUP_ENABLED": "false",  # tests submit identical jobs on purpose
     })
     env.update(overrides)
     return env
