@@ -202,14 +202,16 @@ class Pipeline:
         mode = "progress" if current is change.status else "state"
         fields = {**change.fields, "status": change.status.value, "seq": seq,
                   "next_due": time.time() + change.wait}
+        if current is not change.status:
+            fields["status_since"] = time.time()  # when the job entered this state (metrics: time per state)
         event_seq = self.store.commit(job["id"], token, fields, mode, keep_lease=keep, lease_s=self.lease_s)
         if event_seq < 0:
             log.warning("lost the step lease; another delivery owns the job", extra={"job_id": job["id"]})
             return False
-        previous = job.get("status")
+        previous, since = job.get("status"), job.get("status_since") or job.get("created_ts", "")
         job.update({k: str(v) for k, v in fields.items()})
         if previous != change.status.value:
-            self.observe("transition", {**job, "previous_status": previous or ""})
+            self.observe("transition", {**job, "previous_status": previous or "", "previous_since": since})
         if event_seq:
             self.emit(job["id"], [("status_update", status_update(job, event_seq, **change.event_extra))])
         if change.status is JobStatus.RETRYING:
@@ -226,9 +228,9 @@ class Pipeline:
         if seq < 0:
             log.warning("could not end the job (lease lost or already ended)", extra={"job_id": job["id"]})
             return
-        previous = job.get("status", "")
+        previous, since = job.get("status", ""), job.get("status_since") or job.get("created_ts", "")
         job.update({k: str(v) for k, v in change.fields.items()}, status=change.status.value)
         self.emit(job["id"], final_events(job, seq))
-        self.observe("ended", {**job, "previous_status": previous})
+        self.observe("ended", {**job, "previous_status": previous, "previous_since": since})
         for admitted_id in admitted:
             self.dispatch(admitted_id, 0, 0)
