@@ -18,12 +18,9 @@ def run_api(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=200, help="request threads (each WebSocket holds one)")
     args = parser.parse_args(argv)
     settings = load_settings("api")
-    if not settings.api_keys and not settings.auth_disabled:
-        print("potpie-service api: API_KEYS is empty: set API_KEYS (see `python -m potpie_service keygen`) "
-              "or AUTH_DISABLED=true for local development", file=sys.stderr)
-        return 2
-    from .api import create_app
+    from .api import create_app, preflight
 
+    preflight(settings)
     app = create_app(settings)
 
     class Server(BaseApplication):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 ANONYMOUS = "anonymous"
@@ -20,14 +21,26 @@ def new_key(name: str) -> tuple[str, str]:
     return key, f"{name}:{hash_key(key)}"
 
 
+_ENTRY = re.compile(r"^[A-Za-z0-9._@-]{1,64}:[0-9a-fA-F]{64}$")
+
+
+def bad_entries(entries: tuple[str, ...]) -> list[str]:
+    """The owner names (or '?') of API_KEYS / OPS_API_KEYS entries that are not `name:sha256hex`."""
+    return [entry.rpartition(":")[0][:64] or "?" for entry in entries if not _ENTRY.match(entry)]
+
+
+def missing_keys_problem(api_keys: tuple[str, ...], disabled: bool) -> str | None:
+    """Why an API must not start without client keys (None when it may)."""
+    if api_keys or disabled:
+        return None
+    return ("API_KEYS is empty: set API_KEYS (see `python -m potpie_service keygen`) "
+            "or AUTH_DISABLED=true for local development")
+
+
 def _parse(entries: tuple[str, ...]) -> list[tuple[str, str]]:
-    parsed = []
-    for entry in entries:
-        name, _, digest = entry.rpartition(":")
-        if not name or len(digest) != 64:
-            raise ValueError(f"API key entry for {name or '?'!r} is not 'name:sha256hex'")
-        parsed.append((name, digest.lower()))
-    return parsed
+    if bad_entries(entries):
+        raise ValueError(f"API key entries are not 'name:sha256hex': {', '.join(bad_entries(entries))}")
+    return [(name, digest.lower()) for name, _, digest in (entry.rpartition(":") for entry in entries)]
 
 
 class Authenticator:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -20,6 +22,38 @@ SOCKET_TIMEOUT = 5.0
 HEALTH_CHECK_INTERVAL = 10
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_unverified() -> None:
+    log.warning("REDIS_TLS_REJECT_UNAUTHORIZED=false: the Redis server certificate is NOT verified; anyone on "
+                "the network path can impersonate Redis. Use only for local testing.")
+
+
+def tls_problem(settings: Settings) -> str | None:
+    """Why TLS to Redis cannot work with this configuration (bad CA, refused client cert), else None.
+
+    A Redis that is merely down is not a problem here: the API starts and reports itself unhealthy.
+    """
+    if not settings.redis_tls:
+        return None
+    client = make_redis(settings)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ssl.SSLError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            return None
+        where = urlsplit(settings.redis_url)
+        reason = getattr(cause, "reason", None) or type(cause).__name__
+        return (f"TLS handshake with Redis at {where.hostname}:{where.port} failed ({reason}: {cause}); check "
+                "REDIS_TLS_CA_PATH (the CA that signed the server certificate) and, if Redis requires client "
+                "certificates, REDIS_TLS_CERT_PATH and REDIS_TLS_KEY_PATH")
+    finally:
+        client.close()
+    return None
+
+
 def tls_options(settings: Settings) -> dict[str, Any]:
     """redis-py keyword arguments for TLS (empty when TLS is off)."""
     if not settings.redis_tls:
@@ -28,7 +62,7 @@ def tls_options(settings: Settings) -> dict[str, Any]:
         "ssl_cert_reqs": "required" if settings.redis_tls_reject_unauthorized else "none",
     }
     if not settings.redis_tls_reject_unauthorized:
-        log.warning("REDIS_TLS_REJECT_UNAUTHORIZED=false: the Redis server certificate is not verified")
+        _warn_unverified()
     if settings.redis_tls_ca_path:
         options["ssl_ca_certs"] = settings.redis_tls_ca_path
     if settings.redis_tls_cert_path:

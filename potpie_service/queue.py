@@ -6,13 +6,23 @@ Every setting here is deliberate; the README's "Reliability" section explains ea
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import before_task_publish
 
 from .config import Settings
 from .connections import celery_ssl_options
+from .logs import mask
 
 RUN_STEP = "potpie.run_step"
 HEARTBEAT = "potpie.heartbeat"
 DELIVER_WEBHOOK = "potpie.deliver_webhook"
+
+
+@before_task_publish.connect(dispatch_uid="psvc-mask-task-reprs")
+def _mask_task_reprs(headers: dict | None = None, **_: object) -> None:
+    """Second line of defence: Flower and worker logs show task arguments only through the secret mask."""
+    for name in ("argsrepr", "kwargsrepr"):
+        if headers and isinstance(headers.get(name), str):
+            headers[name] = mask(headers[name])
 
 
 def make_celery(settings: Settings) -> Celery:

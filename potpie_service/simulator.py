@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -221,6 +222,7 @@ class Simulator:
         self.conversations: dict[str, tuple[str, str]] = {}
         self.requests = {stat: 0 for *_, stat in ROUTES if stat}
         self.parse_calls: dict[str, int] = {}
+        self.github_tokens: dict[str, str] = {}  # repo@branch -> SHA-256 of the last github_token (never the value)
         self.hits: dict[tuple[str, str], int] = {}
 
     def _hit(self, kind: str, key: str) -> int:
@@ -268,6 +270,7 @@ class Simulator:
         """Answer GET /_sim/stats with request, parse-call and project counts."""
         with self._lock:
             return Reply(body={"requests": dict(self.requests), "parse_calls": dict(self.parse_calls),
+                               "github_token_sha256": dict(self.github_tokens),
                                "projects": len(self.projects)})
 
     def _sim_reset(self, **_: Any) -> Reply:
@@ -305,6 +308,8 @@ class Simulator:
         key, scenario = (repo, branch, commit), scenario_of(repo)
         with self._lock:
             self.parse_calls[f"{repo}@{branch}"] = self.parse_calls.get(f"{repo}@{branch}", 0) + 1
+            if isinstance(body.get("github_token"), str):
+                self.github_tokens[f"{repo}@{branch}"] = hashlib.sha256(body["github_token"].encode()).hexdigest()
         first = self._hit("parse", repr(key)) == 1
         self._fail_common(scenario, first)
         if scenario == "server-error":

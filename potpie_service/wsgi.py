@@ -1,6 +1,8 @@
 """WSGI entry point for gunicorn: `gunicorn -w 1 --threads 100 -k gthread potpie_service.wsgi:app`."""
 
-from .api import create_app
+from .api import create_app, preflight
 from .bootstrap import load_settings
 
-app = create_app(load_settings("api"))
+settings = load_settings("api")
+preflight(settings)  # the same refusal as `python -m potpie_service api`: no keys, or an untrusted Redis
+app = create_app(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,11 +12,12 @@ from typing import Any
 import socketio as python_socketio
 from flask import Flask, Response, g, request
 from flask_socketio import SocketIO
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from ..auth import Authenticator
+from ..auth import Authenticator, missing_keys_problem
 from ..config import Settings
-from ..connections import redis_options
+from ..connections import redis_options, tls_problem
 from ..events import channel
 from ..potpie import PotpieClient
 from ..queue import dispatcher, make_celery
@@ -24,6 +26,7 @@ from ..service import JobService
 from ..tokens import TokenCipher
 from . import routes, sockets
 from .errors import ApiError, error_response
+from .ratelimit import init_rate_limits
 from .validation import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,10 @@ def _install_hooks(app: Flask, settings: Settings) -> None:
         names = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
         api = ApiError(names.get(code, error.name), path=request.path)
         api.status = code
-        return error_response(api)
+        response, status = error_response(api)
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:  # RFC 9110: a 405 lists what is allowed
+            response.headers["Allow"] = ", ".join(error.valid_methods)
+        return response, status
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Any:  # the last line of defence: log it, answer JSON, never a traceback
@@ -89,6 +95,14 @@ def _install_hooks(app: Flask, settings: Settings) -> None:
         api = ApiError("Internal server error", request_id=g.get("request_id"))
         api.status = 500
         return error_response(api)
+
+
+def preflight(settings: Settings) -> None:
+    """Refuse to start an API open to anyone or unable to trust Redis: exit 2 with one line (api command, wsgi)."""
+    problem = missing_keys_problem(settings.api_keys, settings.auth_disabled) or tls_problem(settings)
+    if problem:
+        print(f"potpie-service api: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -116,6 +130,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(routes.bp)
     sockets.register(socketio, service, auth, count)
     _install_hooks(app, settings)
+    init_rate_limits(app, settings, auth, routes.presented_key)
+    if settings.trusted_proxies:  # client IP and scheme from X-Forwarded-* set by that many proxies in front
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]
+                                x_proto=settings.trusted_proxies)
     if settings.auth_disabled:
         log.warning("AUTH IS DISABLED (AUTH_DISABLED=true): anyone who can reach this API can use it")
     return app

@@ -46,6 +46,12 @@ class UnsupportedMediaType(ApiError):
     status = 415
 
 
+class TooManyRequests(ApiError):
+    """Over the rate limit (429, with Retry-After)."""
+
+    status = 429
+
+
 class ServiceUnavailable(ApiError):
     """Redis (or the queue) cannot be reached (503)."""
 

@@ -9,7 +9,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from .. import SERVICE_NAME, __version__
 from ..events import now_iso
-from . import validation
+from . import openapi, validation
 from .errors import PayloadTooLarge, Unauthorized, UnsupportedMediaType, ValidationError
 
 bp = Blueprint("api", __name__)
@@ -58,6 +58,11 @@ def index() -> Any:
 @bp.get("/livez")
 def livez() -> Any:
     return jsonify({"status": "ok"})
+
+
+@bp.get("/openapi.json")
+def openapi_document() -> Any:
+    return jsonify(openapi.document())
 
 
 @bp.get("/health")

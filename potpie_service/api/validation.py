@@ -10,11 +10,21 @@ from .errors import ValidationError
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_QUESTION = 4000
-_OWNER = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
-_TOKEN = re.compile(r"^[A-Za-z0-9_]{1,255}$")
-_JOB_ID = re.compile(r"^[a-f0-9]{32}$")
-_REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+# The patterns the OpenAPI document publishes; the server matches them with fullmatch (no trailing-newline gap).
+REPO_PATTERN = r"[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}/(?!\.\.?$)(?!.*\.git$)[A-Za-z0-9._-]{1,100}"
+# git check-ref-format rules over a conservative charset: no "..", "//", leading "-" or "/", component starting
+# with "." or ending with ".lock", trailing "/" or ".", nor the name "@".
+BRANCH_PATTERN = (r"(?![-/])(?!@$)(?!.*\.\.)(?!.*//)(?!.*\.lock(?:/|$))(?!(?:.*/)?\.)"
+                  r"[A-Za-z0-9._+@/-]{0,254}[A-Za-z0-9_+@-]")
+TOKEN_PATTERN = r"[A-Za-z0-9_]{1,255}"
+# any text but control characters (tab, newline, carriage return allowed) and lone surrogates (not UTF-8)
+QUESTION_PATTERN = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]*"
+_REPO = re.compile(REPO_PATTERN)
+_BRANCH = re.compile(BRANCH_PATTERN)
+_TOKEN = re.compile(TOKEN_PATTERN)
+_QUESTION = re.compile(QUESTION_PATTERN)
+_JOB_ID = re.compile(r"[a-f0-9]{32}")
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 FIELDS = ("repo", "branch", "question", "github_token")
 
 
@@ -41,26 +51,23 @@ def check_repo(repo: str | None) -> str:
     """`owner/name` in GitHub's character rules."""
     if not repo:
         raise ValidationError("Missing required parameter: repo", field="repo", example="octocat/Hello-World")
-    owner, _, name = repo.strip().partition("/")
-    if not _OWNER.match(owner) or not _NAME.match(name) or name in (".", "..") or name.endswith(".git"):
+    if not _REPO.fullmatch(repo):
         raise ValidationError("repo must be 'owner/name' (GitHub user or organisation, then repository name)",
                               field="repo", example="octocat/Hello-World")
-    return f"{owner}/{name}"
+    return repo
 
 
 def check_branch(branch: str) -> str:
-    """A valid git ref name (git check-ref-format rules)."""
-    bad = (not branch or len(branch) > 255 or _REF_BAD.search(branch) or ".." in branch or "@{" in branch
-           or "//" in branch or branch == "@" or branch.startswith(("/", ".", "-")) or branch.endswith(("/", ".", ".lock"))
-           or any(part.startswith(".") or part.endswith(".lock") for part in branch.split("/")))
-    if bad:
-        raise ValidationError("branch must be a valid git branch name", field="branch")
+    """A valid git branch name (git check-ref-format rules; letters, digits and . _ - / + @)."""
+    if not _BRANCH.fullmatch(branch):
+        raise ValidationError("branch must be a git branch name of at most 255 characters (letters, digits, "
+                              "and . _ - / + @)", field="branch")
     return branch
 
 
 def check_job_id(job_id: Any) -> str | None:
     """The job id when well-formed, else None."""
-    return job_id if isinstance(job_id, str) and _JOB_ID.match(job_id) else None
+    return job_id if isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) else None
 
 
 def analyze_request(body: Any) -> AnalyzeRequest:
@@ -69,14 +76,19 @@ def analyze_request(body: Any) -> AnalyzeRequest:
         raise ValidationError("the body must be a JSON object", field="body")
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise ValidationError(f"unknown field: {unknown[0]}", field=unknown[0], allowed=list(FIELDS))
+        shown = unknown[0] if _FIELD_NAME.fullmatch(unknown[0]) else "(a name that is not shown)"  # no echo
+        raise ValidationError(f"unknown field: {shown}", field=shown, allowed=list(FIELDS))
     repo = check_repo(_string(body, "repo"))
     branch = check_branch(_string(body, "branch", "main") or "main")
-    question = (_string(body, "question", "") or "").strip()
+    question = _string(body, "question", "") or ""
     if len(question) > MAX_QUESTION:
         raise ValidationError(f"question must be at most {MAX_QUESTION} characters", field="question")
+    if not _QUESTION.fullmatch(question):
+        raise ValidationError("question must not contain control characters (newline and tab are fine)",
+                              field="question")
+    question = question.strip()
     token = _string(body, "github_token")
-    if token is not None and not _TOKEN.match(token):
+    if token is not None and not _TOKEN.fullmatch(token):
         raise ValidationError("github_token must be a GitHub token (letters, digits and _ only)",
                               field="github_token")
     return AnalyzeRequest(repo, branch, question, token or None)
