@@ -1,14 +1,17 @@
 """Offline validation of the deployment files (Dockerfiles, docker-compose.yml, Helm chart, kubectl manifests).
 
-Nothing here needs Docker, a Kubernetes cluster or the network. When a `helm` binary is on PATH the chart is also
-linted and rendered; the structural chart checks below run unconditionally either way.
+Nothing here needs Docker, a Kubernetes cluster or the network. The chart is also linted and rendered by a real helm
+v3 binary (.venv/bin, .tools/bin — where `make install` / scripts/ensure-helm.sh puts it — or PATH); without one the
+helm tests fail, they never skip.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import http.server
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -744,7 +747,8 @@ def test_chart_services_ingress_pdb_match_manifests():
     assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
     assert annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "3600"
     assert ingress["spec"]["ingressClassName"] == vals["ingress"]["className"]
-    assert "name: {{ $fullName }}-api" in texts["ingress.yaml"]
+    assert "name: {{ $apiName }}" in texts["ingress.yaml"]
+    assert '"potpie-service.componentFullname" (dict "root" . "component" "api")' in texts["ingress.yaml"]
 
     for component in ("api", "worker"):
         pdb = objs[("PodDisruptionBudget", f"potpie-service-{component}")]
@@ -772,39 +776,483 @@ def test_chart_secret_hpa_servicemonitor_guards():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Helm chart with a real helm binary (only when one is installed)
+# Helm chart rendered by the real helm v3 binary (scripts/ensure-helm.sh puts it in .tools/bin; `make install` runs it)
 # --------------------------------------------------------------------------------------------------------------
-HELM = shutil.which("helm")
+HELM_DIRS = (ROOT / ".venv" / "bin", ROOT / ".tools" / "bin")
+RELEASE = "potpie-service"
+HELM_BOOKKEEPING = ("helm.sh/chart", "app.kubernetes.io/managed-by", "checksum/config", "checksum/secret")
+DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+_SECRET_KEY_SELECTOR = {
+    "type": "object", "required": ["key"], "additionalProperties": False,
+    "properties": {"key": {"type": "string", "minLength": 1}, "name": {"type": "string", "minLength": 1},
+                   "optional": {"type": "boolean"}},
+}
+# ServiceMonitor is a Prometheus Operator CRD, unknown to kubernetes_validate. This is the part of its
+# monitoring.coreos.com/v1 openAPIV3Schema (prometheus-operator v0.84) that a chart may use: field names,
+# types, enums, the duration pattern and the required keys are the CRD's; unknown fields are rejected.
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object", "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "maxLength": 253, "pattern": DNS_SUBDOMAIN},
+                "labels": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 63}},
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "spec": {
+            "type": "object",
+            "required": ["endpoints", "selector"],
+            "additionalProperties": False,
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "targetLabels": {"type": "array", "items": {"type": "string"}},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "sampleLimit": {"type": "integer"},
+                "namespaceSelector": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"any": {"type": "boolean"},
+                                   "matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
+                "selector": {
+                    "type": "object", "additionalProperties": False, "minProperties": 1,
+                    "properties": {
+                        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "matchExpressions": {"type": "array", "items": {"type": "object",
+                                                                        "required": ["key", "operator"]}},
+                    },
+                },
+                "endpoints": {
+                    "type": "array", "minItems": 1,
+                    "items": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "targetPort": {"type": ["integer", "string"]},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": {"type": "string", "pattern": DURATION},
+                            "scrapeTimeout": {"type": "string", "pattern": DURATION},
+                            "honorLabels": {"type": "boolean"},
+                            "authorization": {
+                                "type": "object", "additionalProperties": False,
+                                "properties": {"type": {"type": "string", "not": {"pattern": "(?i)^basic$"}},
+                                               "credentials": _SECRET_KEY_SELECTOR},
+                            },
+                            "bearerTokenSecret": _SECRET_KEY_SELECTOR,
+                            "relabelings": {"type": "array", "items": {"type": "object"}},
+                            "metricRelabelings": {"type": "array", "items": {"type": "object"}},
+                            "tlsConfig": {"type": "object"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
 
-
-@pytest.mark.skipif(HELM is None, reason="no helm binary; the structural chart tests above still run")
-@pytest.mark.parametrize(
-    "extra",
-    [
-        [],
+# Value sets rendered by the tests, and the objects each must produce.
+_BASE = {("ConfigMap", RELEASE), ("Secret", RELEASE), ("ServiceAccount", RELEASE),
+         ("Deployment", f"{RELEASE}-api"), ("Deployment", f"{RELEASE}-worker"), ("Deployment", f"{RELEASE}-flower"),
+         ("Service", f"{RELEASE}-api"), ("Service", f"{RELEASE}-flower"),
+         ("PodDisruptionBudget", f"{RELEASE}-api"), ("PodDisruptionBudget", f"{RELEASE}-worker")}
+_OPTIONAL = {("Ingress", RELEASE), ("HorizontalPodAutoscaler", f"{RELEASE}-worker"),
+             ("ServiceMonitor", f"{RELEASE}-api"), ("ServiceMonitor", f"{RELEASE}-flower")}
+_FLOWER = {("Deployment", f"{RELEASE}-flower"), ("Service", f"{RELEASE}-flower"),
+           ("ServiceMonitor", f"{RELEASE}-flower")}
+_ANTI_AFFINITY = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+    {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                        "labelSelector": {"matchLabels": {"app.kubernetes.io/name": RELEASE}}}}]}}
+HELM_VALUE_SETS = {
+    "defaults": ([], _BASE),
+    "ingress-autoscaling-servicemonitor": (
         ["--set", "ingress.enabled=true", "--set", "worker.autoscaling.enabled=true",
-         "--set", "worker.autoscaling.cpu.enabled=true", "--set", "redis.tls.caSecret.name=redis-ca",
-         "--set", "secrets.POTPIE_API_KEY=x", "--set", "secrets.FLOWER_BASIC_AUTH=a:b"],
-        ["--set", "secrets.existingSecret=mine", "--set", "flower.enabled=false"],
+         "--set", "metrics.serviceMonitor.enabled=true", "--set", "secrets.METRICS_TOKEN=t"],
+        _BASE | _OPTIONAL),
+    "everything-on": (
+        ["--set", "ingress.enabled=true", "--set", "ingress.tls[0].secretName=potpie-tls",
+         "--set", "ingress.tls[0].hosts[0]=potpie.example.com",
+         "--set", "worker.autoscaling.enabled=true", "--set", "worker.autoscaling.cpu.enabled=true",
+         "--set", "worker.autoscaling.queueDepth.selector.queue=potpie-analysis",
+         "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.serviceMonitor.labels.release=prom",
+         "--set", "redis.tls.caSecret.name=redis-ca", "--set", "secrets.POTPIE_API_KEY=x",
+         "--set", "secrets.METRICS_TOKEN=t", "--set", "secrets.FLOWER_BASIC_AUTH=a:b",
+         "--set", "podAnnotations.team=potpie", "--set", "podLabels.tier=backend",
+         "--set", "imagePullSecrets[0].name=regcred", "--set", "nodeSelector.kubernetes\\.io/os=linux",
+         "--set", "tolerations[0].key=dedicated", "--set", "tolerations[0].operator=Exists",
+         "--set", "tolerations[0].effect=NoSchedule", "--set-json", f"affinity={json.dumps(_ANTI_AFFINITY)}",
+         "--set", "serviceAccount.annotations.owner=potpie", "--set", "api.service.type=NodePort"],
+        _BASE | _OPTIONAL),
+    "existing-secret-no-flower": (
+        ["--set", "secrets.existingSecret=mine", "--set", "flower.enabled=false",
+         "--set", "serviceAccount.create=false", "--set", "metrics.serviceMonitor.enabled=true"],
+        (_BASE | {("ServiceMonitor", f"{RELEASE}-api")}) - _FLOWER
+        - {("Secret", RELEASE), ("ServiceAccount", RELEASE)}),
+}
+
+
+def helm_bin() -> str | None:
+    """The helm binary: the project's own install (.venv/bin, .tools/bin) first, then PATH."""
+    for folder in HELM_DIRS:
+        candidate = folder / "helm"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which("helm")
+
+
+class Helm:
+    """Runs helm offline: its cache/config/data dirs in a temporary folder and no kubeconfig."""
+
+    def __init__(self, binary: str, home: Path):
+        self.binary = binary
+        self.env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
+                    "HELM_DATA_HOME": str(home / "data"), "KUBECONFIG": str(home / "no-kubeconfig")}
+        self._rendered: dict[tuple[str, ...], list[dict]] = {}
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([self.binary, *args], capture_output=True, text=True, timeout=60, env=self.env)
+
+    def lint(self, *args: str, chart: Path = CHART) -> subprocess.CompletedProcess:
+        return self.run("lint", "--strict", "--kube-version", K8S_VERSION, str(chart), *args)
+
+    def template(self, *args: str, chart: Path = CHART) -> subprocess.CompletedProcess:
+        return self.run("template", RELEASE, str(chart), "--kube-version", K8S_VERSION, *args)
+
+    def render(self, *args: str) -> list[dict]:
+        """Rendered documents of the chart (cached per argument list); fails the test on a helm error."""
+        if args not in self._rendered:
+            proc = self.template(*args)
+            assert proc.returncode == 0, proc.stderr
+            self._rendered[args] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        return copy.deepcopy(self._rendered[args])
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory) -> Helm:
+    binary = helm_bin()
+    if binary is None:
+        pytest.fail("no helm binary in .venv/bin, .tools/bin or PATH: run `make install` (scripts/ensure-helm.sh)")
+    version = subprocess.run([binary, "version", "--short"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("v3."), version.stdout + version.stderr
+    return Helm(binary, tmp_path_factory.mktemp("helm-home"))
+
+
+def by_kind_name(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def assert_names_and_labels_valid(objs: dict[tuple[str, str], dict]) -> None:
+    """Names and label values within Kubernetes' limits (kubernetes_validate checks neither length nor form)."""
+    for (kind, name), doc in objs.items():
+        # Services are DNS-1035 labels; every other name here also stays within 63 (pods/hostnames derive from them).
+        assert len(name) <= 63 and re.fullmatch(DNS_LABEL if kind == "Service" else DNS_SUBDOMAIN, name), name
+        metas = [doc["metadata"]] + ([doc["spec"]["template"]["metadata"]] if kind == "Deployment" else [])
+        for meta in metas:
+            for key, value in meta.get("labels", {}).items():
+                assert len(value) <= 63 and re.fullmatch(LABEL_VALUE, value), (name, key, value)
+
+
+def assert_rendered_references_resolve(objs: dict[tuple[str, str], dict], secret_name: str,
+                                       fullname: str = RELEASE) -> None:
+    """Selectors, ports, backends and config/secret/account names of one rendering point at real objects."""
+    deployments = {n: d for (k, n), d in objs.items() if k == "Deployment"}
+    services = {n: d for (k, n), d in objs.items() if k == "Service"}
+    pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
+
+    def pods_selected(selector: dict) -> list[str]:
+        return [n for n, labels in pod_labels.items() if selector.items() <= labels.items()]
+
+    for name, dep in deployments.items():
+        assert pods_selected(dep["spec"]["selector"]["matchLabels"]) == [name]
+        pod = dep["spec"]["template"]["spec"]
+        account = pod["serviceAccountName"]
+        assert ("ServiceAccount", account) in objs or account == "default", account
+        ctr = container(dep)
+        assert [e["configMapRef"]["name"] for e in ctr["envFrom"]] == [fullname]
+        assert ("ConfigMap", fullname) in objs
+        for ref in secret_keys_of(ctr):
+            assert ref in SECRET_ENV
+        for env in ctr["env"]:
+            if "valueFrom" in env:
+                assert env["valueFrom"]["secretKeyRef"]["name"] == secret_name
+        volume_names = {v["name"] for v in pod["volumes"]}
+        assert {m["name"] for m in ctr["volumeMounts"]} == volume_names
+    for name, svc in services.items():
+        (target,) = pods_selected(svc["spec"]["selector"])
+        port_names = {p["name"] for p in container(deployments[target])["ports"]}
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names, name
+    for (kind, name), doc in objs.items():
+        if kind == "PodDisruptionBudget":
+            assert pods_selected(doc["spec"]["selector"]["matchLabels"]) == [name]
+        if kind == "HorizontalPodAutoscaler":
+            ref = doc["spec"]["scaleTargetRef"]
+            assert ref["kind"] == "Deployment" and ref["name"] in deployments
+            assert "replicas" not in deployments[ref["name"]]["spec"], "the HPA owns the replica count"
+        if kind == "Ingress":
+            for rule in doc["spec"]["rules"]:
+                for path in rule["http"]["paths"]:
+                    svc = services[path["backend"]["service"]["name"]]
+                    assert path["backend"]["service"]["port"]["number"] in [p["port"] for p in svc["spec"]["ports"]]
+        if kind == "ServiceMonitor":
+            selector = doc["spec"]["selector"]["matchLabels"]
+            (svc_name,) = [n for n, s in services.items() if selector.items() <= s["metadata"]["labels"].items()]
+            svc_ports = {p["name"] for p in services[svc_name]["spec"]["ports"]}
+            for endpoint in doc["spec"]["endpoints"]:
+                assert endpoint["port"] in svc_ports
+                assert parse_duration(endpoint["scrapeTimeout"]) <= parse_duration(endpoint["interval"])
+                if "authorization" in endpoint:
+                    assert endpoint["authorization"]["credentials"] == {"name": secret_name, "key": "METRICS_TOKEN"}
+                    if ("Secret", secret_name) in objs:  # chart-managed: the key must really be in it
+                        assert "METRICS_TOKEN" in (objs[("Secret", secret_name)]["stringData"] or {})
+
+
+def test_helm_binary_is_v3_and_really_fails_a_broken_chart(helm, tmp_path):
+    """Guard against a silently passing helm: a chart with a broken template must fail lint and template."""
+    assert Path(helm.binary).resolve() != Path("/bin/true")
+    broken = tmp_path / "potpie-service"
+    shutil.copytree(CHART, broken)
+    with (broken / "templates" / "service.yaml").open("a") as fh:
+        fh.write("  extra: {{ .Values.api.service.nope.deeper }}\n")
+    lint = helm.lint(chart=broken)
+    assert lint.returncode != 0 and "nil pointer" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    assert helm.template(chart=broken).returncode != 0
+
+
+@pytest.mark.parametrize("value_set", sorted(HELM_VALUE_SETS))
+def test_helm_lint_template_and_validate(helm, value_set):
+    args, expected = HELM_VALUE_SETS[value_set]
+    lint = helm.lint(*args)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "0 chart(s) failed" in lint.stdout and "[ERROR]" not in lint.stdout and "[WARNING]" not in lint.stdout
+    objs = by_kind_name(helm.render(*args))
+    assert set(objs) == expected
+    for (kind, name), doc in objs.items():
+        if kind == "ServiceMonitor":
+            jsonschema.Draft7Validator(SERVICE_MONITOR_SCHEMA).validate(doc)
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:  # pragma: no cover - message only
+            pytest.fail(f"{value_set}: {kind}/{name}: {exc.message}")
+    secret_name = "mine" if "secrets.existingSecret=mine" in args else RELEASE
+    assert_rendered_references_resolve(objs, secret_name)
+    assert_names_and_labels_valid(objs)
+
+
+def test_helm_long_release_name_fits_kubernetes_name_limits(helm):
+    """A 53-character release (Helm's maximum) still yields valid, distinct names of at most 63 characters."""
+    release = "customer-analytics-production-eu-west-1-blue-green-x"[:53]
+    args = HELM_VALUE_SETS["everything-on"][0]
+    proc = helm.run("template", release, str(CHART), "--kube-version", K8S_VERSION, *args)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    objs = by_kind_name(docs)
+    assert len(objs) == len(docs) == len(HELM_VALUE_SETS["everything-on"][1])
+    assert_names_and_labels_valid(objs)
+    fullname = objs[("ConfigMap", next(n for k, n in objs if k == "ConfigMap"))]["metadata"]["name"]
+    assert len(fullname) == 63 and fullname.startswith(release)
+    assert_rendered_references_resolve(objs, fullname, fullname)
+    for component in ("api", "worker", "flower"):
+        (name,) = [n for k, n in objs if k == "Deployment" and n.endswith(f"-{component}")]
+        assert name.startswith(release)
+
+
+def test_helm_servicemonitor_needs_the_metrics_token(helm):
+    """The API's /metrics wants the METRICS_TOKEN bearer: without one the chart refuses, naming the value to set."""
+    def api_endpoint(*args: str) -> dict:
+        objs = by_kind_name(helm.render("--set", "metrics.serviceMonitor.enabled=true", *args))
+        return objs[("ServiceMonitor", f"{RELEASE}-api")]["spec"]["endpoints"][0]
+
+    refused = helm.template("--set", "metrics.serviceMonitor.enabled=true")
+    assert refused.returncode != 0 and "needs secrets.METRICS_TOKEN" in refused.stderr, refused.stderr
+    linted = helm.lint("--set", "metrics.serviceMonitor.enabled=true")  # lint reports `fail` as INFO only
+    assert "needs secrets.METRICS_TOKEN" in linted.stdout + linted.stderr
+    bearer = {"type": "Bearer", "credentials": {"name": RELEASE, "key": "METRICS_TOKEN"}}
+    assert api_endpoint("--set", "secrets.METRICS_TOKEN=t")["authorization"] == bearer
+    external = {"type": "Bearer", "credentials": {"name": "mine", "key": "METRICS_TOKEN"}}
+    assert api_endpoint("--set", "secrets.existingSecret=mine")["authorization"] == external
+    assert "authorization" not in api_endpoint("--set-string", "env.AUTH_DISABLED=true")
+
+
+def test_helm_everything_on_renders_the_requested_options(helm):
+    objs = by_kind_name(helm.render(*HELM_VALUE_SETS["everything-on"][0]))
+    hpa = objs[("HorizontalPodAutoscaler", f"{RELEASE}-worker")]["spec"]
+    assert [m["type"] for m in hpa["metrics"]] == ["External", "Resource"]
+    assert hpa["metrics"][0]["external"]["metric"] == {
+        "name": "potpie_queue_depth", "selector": {"matchLabels": {"queue": "potpie-analysis"}}}
+    assert hpa["metrics"][0]["external"]["target"] == {"type": "AverageValue", "averageValue": "10"}
+    assert hpa["minReplicas"] == 2 and hpa["maxReplicas"] == 10
+    ingress = objs[("Ingress", RELEASE)]["spec"]
+    assert ingress["tls"] == [{"hosts": ["potpie.example.com"], "secretName": "potpie-tls"}]
+    secret = objs[("Secret", RELEASE)]["stringData"]
+    assert secret == {"POTPIE_API_KEY": "x", "METRICS_TOKEN": "t", "FLOWER_BASIC_AUTH": "a:b"}
+    for component in ("api", "worker", "flower"):
+        dep = objs[("Deployment", f"{RELEASE}-{component}")]
+        ctr = container(dep)
+        env = {e["name"]: e.get("value") for e in ctr["env"]}
+        assert env["REDIS_TLS_ENABLED"] == "true"
+        assert env["REDIS_TLS_CA_PATH"] == "/etc/potpie/redis-tls/ca.crt"
+        assert {"name": "redis-tls-ca", "mountPath": "/etc/potpie/redis-tls", "readOnly": True} in ctr["volumeMounts"]
+        meta = dep["spec"]["template"]["metadata"]
+        assert meta["annotations"]["team"] == "potpie" and meta["labels"]["tier"] == "backend"
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"} and pod["affinity"] == _ANTI_AFFINITY
+        assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
+        assert re.fullmatch(r"[0-9a-f]{64}", meta["annotations"]["checksum/secret"])
+    for name in ("api", "flower"):
+        assert objs[("ServiceMonitor", f"{RELEASE}-{name}")]["metadata"]["labels"]["release"] == "prom"
+    assert objs[("Service", f"{RELEASE}-api")]["spec"]["type"] == "NodePort"
+    assert objs[("ServiceAccount", RELEASE)]["metadata"]["annotations"] == {"owner": "potpie"}
+
+
+def test_helm_pdb_min_available_replaces_max_unavailable(helm):
+    """minAvailable needs maxUnavailable=null (the schema forbids both); `helm lint` can't take a null, template can."""
+    objs = by_kind_name(helm.render("--set", "api.podDisruptionBudget.minAvailable=1",
+                                    "--set", "api.podDisruptionBudget.maxUnavailable=null"))
+    pdb = objs[("PodDisruptionBudget", f"{RELEASE}-api")]
+    kubernetes_validate.validate(pdb, K8S_VERSION, strict=True)
+    assert pdb["spec"] == {"minAvailable": 1, "selector": objs[("Deployment", f"{RELEASE}-api")]["spec"]["selector"]}
+    both = helm.template("--set", "api.podDisruptionBudget.minAvailable=1")
+    assert both.returncode != 0 and "api.podDisruptionBudget" in both.stderr, both.stderr
+
+
+def test_helm_secret_checksum_follows_the_secret(helm):
+    """Changing a secret value changes the pods' checksum/secret annotation, so a rollout restarts them."""
+    def checksum(*args: str) -> str:
+        dep = by_kind_name(helm.render(*args))[("Deployment", f"{RELEASE}-worker")]
+        return dep["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+
+    assert checksum("--set", "secrets.POTPIE_API_KEY=one") != checksum("--set", "secrets.POTPIE_API_KEY=two")
+
+
+def strip_helm_bookkeeping(doc: dict) -> dict:
+    """The object without Helm's own labels/annotations, for comparison with the plain kubectl manifests."""
+    doc = copy.deepcopy(doc)
+    metas = [doc["metadata"]]
+    if "template" in doc.get("spec", {}):
+        metas.append(doc["spec"]["template"]["metadata"])
+    for meta in metas:
+        for field in ("labels", "annotations"):
+            for key in HELM_BOOKKEEPING:
+                meta.get(field, {}).pop(key, None)
+            if field in meta and not meta[field]:
+                del meta[field]
+    return doc
+
+
+def test_helm_defaults_render_the_kubectl_manifests(helm):
+    """deploy/kubernetes/ is the chart's defaults (plus the Ingress) rendered for release "potpie-service"."""
+    rendered = by_kind_name(helm.render("--set", "ingress.enabled=true"))
+    manifests = k8s_by_kind_name()
+    # Chart-only: its own ServiceAccount (the kubectl pods use the namespace's default one, token not mounted).
+    assert rendered.pop(("ServiceAccount", RELEASE))["automountServiceAccountToken"] is False
+    assert set(rendered) == set(manifests)
+    for key, doc in rendered.items():
+        mine, theirs = strip_helm_bookkeeping(doc), copy.deepcopy(manifests[key])
+        if key[0] == "Deployment":
+            assert mine["spec"]["template"]["spec"].pop("serviceAccountName") == RELEASE
+        else:
+            # The kubectl files put app.kubernetes.io/version on the workloads only; Helm labels everything.
+            assert mine["metadata"]["labels"].pop("app.kubernetes.io/version") == "1.0.0"
+        if key[0] == "Secret":
+            # kubectl's Secret carries CHANGE-ME placeholders; the chart renders only the values it is given.
+            assert mine.pop("stringData") is None
+            theirs.pop("stringData")
+            theirs["metadata"]["labels"].pop("potpie-service/placeholder")
+        diff = difflib.unified_diff(yaml.safe_dump(theirs).splitlines(), yaml.safe_dump(mine).splitlines(),
+                                    "deploy/kubernetes", "helm template", lineterm="")
+        assert mine == theirs, f"{key}:\n" + "\n".join(diff)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--set", "env.LOG_FORMAT=xml"], "env.LOG_FORMAT"),
+        (["--set", "api.replicaCount=two"], "api.replicaCount"),
+        (["--set", "worker.autoscaling.enabled=true", "--set", "worker.autoscaling.queueDepth.enabled=false"],
+         "worker.autoscaling"),
+        (["--set", "secrets.NOT_A_SECRET=x"], "NOT_A_SECRET"),
     ],
 )
-def test_helm_lint_and_template(extra):
-    lint = subprocess.run([HELM, "lint", "--strict", str(CHART), *extra], capture_output=True, text=True, timeout=60)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
-    out = subprocess.run([HELM, "template", "potpie-service", str(CHART), *extra],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= kinds
-    for doc in docs:
-        if doc["kind"] == "ServiceMonitor":
-            continue
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    if not extra:
-        rendered = {(d["kind"], d["metadata"]["name"]): d for d in docs}
-        assert rendered[("ConfigMap", "potpie-service")]["data"] == \
-            k8s_by_kind_name()[("ConfigMap", "potpie-service")]["data"]
+def test_helm_rejects_bad_values_naming_the_field(helm, args, needle):
+    lint = helm.lint(*args)
+    assert lint.returncode != 0 and needle in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    template = helm.template(*args)
+    assert template.returncode != 0 and needle in template.stderr, template.stderr
+
+
+def test_helm_enforces_the_chart_kube_version(helm):
+    old = helm.run("template", RELEASE, str(CHART), "--kube-version", "1.24.0")
+    assert old.returncode != 0 and "kubeVersion" in old.stderr, old.stderr
+
+
+@pytest.mark.parametrize(
+    "path,bad",
+    [
+        ("spec.endpoints.0.interval", "30 seconds"),
+        ("spec.endpoints.0.scrapeTimeout", "10"),
+        ("spec.endpoints.0.intervall", "30s"),
+        ("spec.endpoints.0.scheme", "tcp"),
+        ("spec.endpoints.0.authorization.credentials", {"name": RELEASE}),
+        ("spec.endpoints.0.authorization.type", "Basic"),
+        ("spec.selector", None),
+        ("spec.endpoints", []),
+        ("metadata.name", "Potpie_Service"),
+        ("kind", "PodMonitor"),
+    ],
+)
+def test_servicemonitor_schema_rejects_bad_objects(helm, path, bad):
+    """The structural ServiceMonitor check can fail: each broken copy of the rendered object is rejected."""
+    args = HELM_VALUE_SETS["everything-on"][0]  # METRICS_TOKEN set: the endpoint carries an authorization
+    doc = by_kind_name(helm.render(*args))[("ServiceMonitor", f"{RELEASE}-api")]
+    validator = jsonschema.Draft7Validator(SERVICE_MONITOR_SCHEMA)
+    validator.validate(doc)
+    *parents, leaf = path.split(".")
+    target = doc
+    for part in parents:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    if bad is None:
+        del target[leaf]
+    else:
+        target[leaf] = bad
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(doc)
+
+
+def rendered_notes(helm: Helm, tmp_path: Path, *args: str) -> str:
+    """NOTES.txt as `helm install` would print it (a copy of the chart exposes it through a template)."""
+    chart = tmp_path / "potpie-service"
+    if not chart.exists():
+        shutil.copytree(CHART, chart)
+        (chart / "templates" / "zz-notes.yaml").write_text(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: rendered-notes\ndata:\n"
+            '  notes: {{ include (print .Template.BasePath "/NOTES.txt") . | toJson }}\n'
+        )
+    proc = helm.template(*args, "--show-only", "templates/zz-notes.yaml", chart=chart)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)["data"]["notes"]
+
+
+def test_helm_notes(helm, tmp_path):
+    notes = rendered_notes(helm, tmp_path)
+    assert f"port-forward svc/{RELEASE}-api 8080:8080" in notes
+    assert f"port-forward svc/{RELEASE}-flower 5555:5555" in notes
+    for key in ("POTPIE_API_KEY", "REDIS_URL", "FLOWER_BASIC_AUTH"):
+        assert f"secrets.{key}" in notes and "WARNING" in notes
+    assert "sticky sessions" in notes
+    quiet = rendered_notes(helm, tmp_path, "--set", "secrets.existingSecret=mine", "--set", "ingress.enabled=true",
+                           "--set", "flower.enabled=false", "--set", "api.replicaCount=1")
+    assert "WARNING" not in quiet and "flower" not in quiet.lower() and "sticky" not in quiet
+    assert "http://potpie.example.com/" in quiet and 'Secret "mine" (existing)' in quiet
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,15 @@ limited to this by the DNS naming spec). If the release name contains the chart 
 {{- end }}
 
 {{/*
+Name of one component's objects, "<fullname>-<component>": call with (dict "root" $ "component" "api").
+The fullname part is shortened so the whole fits in 63 characters (Service names are DNS-1035 labels).
+*/}}
+{{- define "potpie-service.componentFullname" -}}
+{{- $base := include "potpie-service.fullname" .root | trunc (int (sub 62 (len .component))) | trimSuffix "-" }}
+{{- printf "%s-%s" $base .component }}
+{{- end }}
+
+{{/*
 Create chart name and version as used by the chart label.
 */}}
 {{- define "potpie-service.chart" -}}
