@@ -156,3 +156,14 @@ def build_result(job: Mapping[str, str], finished_at: str, processing_time_ms: i
             "job_id": job["id"],
         },
     }
+
+
+def eta_seconds(status: str, position: int | None, admitted_at: float | None, durations: list[float],
+                slots: int, now: float) -> float | None:
+    """Seconds until a job should finish, from recent run times; None when unknown or ended."""
+    if not durations or status in ("finished", "failed", "cancelled"):
+        return None
+    mean = sum(durations) / len(durations)
+    if status == "queued" and position:
+        return round(-(-position // slots) * mean + mean, 1)
+    return round(max(1.0, mean - (now - (admitted_at or now))), 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import datetime, timezone
 from typing import Any, Mapping, Protocol
 
@@ -90,12 +91,19 @@ def final_events(job: Mapping[str, str], seq: int) -> list[tuple[str, dict[str, 
     return events
 
 
-def replay(job: Mapping[str, str], queue_position: int | None) -> list[tuple[str, dict[str, Any]]]:
+def replay(job: Mapping[str, str], queue_position: int | None,
+           eta_seconds: float | None = None) -> list[tuple[str, dict[str, Any]]]:
     """What a socket gets on joining: the current state, and the final event if the job has ended."""
     seq = int(job.get("event_seq") or 0)
     if JobStatus(job.get("status", "queued")).terminal:
         return final_events(job, max(seq - 1, 0))
-    extra = {"queue_position": queue_position} if job.get("status") == JobStatus.QUEUED.value else {}
+    extra: dict[str, Any] = {}
+    if job.get("status") == JobStatus.QUEUED.value:
+        extra = {"queue_position": queue_position, "eta_seconds": eta_seconds}
+    elif job.get("status") == JobStatus.RETRYING.value:  # the same details the live `retrying` update carries
+        extra = {"attempt": int(job.get("attempts") or 1) - 1, "max_attempts": int(job.get("max_attempts") or 0),
+                 "retry_in": round(max(0.0, float(job.get("next_due") or 0) - time.time()), 3),
+                 "error": job.get("last_error") or ""}
     return [(STATUS_UPDATE, status_update(job, seq, **extra))]
 
 

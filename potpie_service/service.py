@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -10,15 +11,16 @@ from typing import Any, Callable
 
 import redis
 
-from . import SERVICE_NAME, __version__
-from .api.errors import NotFound, ServiceUnavailable, ValidationError
+from . import SERVICE_NAME, __version__, analysis
+from .api.errors import Conflict, NotFound, ServiceUnavailable, ValidationError
 from .api.validation import AnalyzeRequest
 from .config import Settings
-from .events import now_iso
-from .jobs import JobStore
+from .events import final_events, now_iso
+from .jobs import Dedup, JobStore
 from .model import MESSAGES, JobStatus
 from .potpie import PotpieClient
 from .tokens import TokenCipher
+from .webhooks import UnsafeCallbackUrl, check_url
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,21 @@ class JobService:
         self.dispatch = dispatch
         self.cipher = cipher
         self.potpie = potpie
+        self.emit: Callable[[str, list], None] = lambda job_id, events: None  # set by the app: to the job's room
         self.started = time.time()
         self._potpie_checked: tuple[float, bool, float] = (0.0, False, 0.0)
 
-    def submit(self, owner: str, request: AnalyzeRequest) -> dict[str, Any]:
-        """Queue a new analysis job; return the 202 body."""
+    def submit(self, owner: str, request: AnalyzeRequest, idempotency_key: str | None = None,
+               extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        """Queue a new analysis job, or find the one it repeats; return (HTTP status, body)."""
         if request.github_token and not self.cipher.enabled:
             raise ValidationError("github_token cannot be accepted: the server has no TOKEN_ENCRYPTION_KEY",
                                   field="github_token")
+        if request.callback_url:
+            try:
+                check_url(request.callback_url, self.settings.webhook_allow_private)
+            except UnsafeCallbackUrl as exc:
+                raise ValidationError(str(exc), field="callback_url") from None
         job_id = uuid.uuid4().hex
         created = now_iso()
         fields = {
@@ -50,23 +59,46 @@ class JobService:
             "question": request.question, "status": JobStatus.QUEUED.value, "progress": 0,
             "message": MESSAGES[JobStatus.QUEUED], "attempts": 0, "max_attempts": self.settings.max_retries + 1,
             "created_at": created, "created_ts": time.time(), "seq": 0, "event_seq": 0,
-            "has_github_token": 1 if request.github_token else 0,
+            "has_github_token": 1 if request.github_token else 0, "callback_url": request.callback_url or "",
+            **(extra or {}),
         }
         sealed = self.cipher.encrypt(request.github_token) if request.github_token else ""
-        secret_ttl = int(self.settings.parse_timeout) + 86400
         try:
-            submitted = self.store.submit(job_id, owner, fields, sealed, secret_ttl)
+            submitted = self.store.submit(job_id, owner, fields, sealed, int(self.settings.parse_timeout) + 86400,
+                                          self._dedup(request, idempotency_key))
         except redis.RedisError as exc:
             log.error("cannot queue the job: Redis unavailable (%s)", type(exc).__name__)
             raise ServiceUnavailable("Redis connection failed: the job was not queued; try again later") from None
+        if submitted.outcome == "conflict":
+            raise Conflict("Idempotency-Key was already used with a different request", field="Idempotency-Key",
+                           job_id=submitted.job_id)
+        if submitted.outcome != "created":
+            record = self.job(owner, submitted.job_id)
+            body = self._accepted(record, self.queue_position(record))
+            body["deduplicated" if submitted.outcome == "duplicate" else "idempotent_replay"] = True
+            return 200, body
         for admitted in submitted.admitted:
             self._dispatch_first(admitted)
         log.info("job queued for %s@%s", request.repo, request.branch, extra={"job_id": job_id})
+        return 202, self._accepted(fields, submitted.queue_position)
+
+    def _dedup(self, request: AnalyzeRequest, idempotency_key: str | None) -> Dedup:
+        identity = json.dumps([request.repo, request.branch, request.question, request.callback_url or ""])
+        digest = hashlib.sha256(identity.encode()).hexdigest()
+        return Dedup(
+            request_key=digest if self.settings.dedup_enabled else "",
+            idempotency_key=hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else "",
+            request_hash=digest,
+        )
+
+    def _accepted(self, record: dict[str, Any], position: int | None) -> dict[str, Any]:
+        job_id = record["id"]
         return {
-            "success": True, "project_id": job_id, "job_id": job_id, "status": JobStatus.QUEUED.value,
-            "message": MESSAGES[JobStatus.QUEUED], "websocket_endpoint": "/socket.io/",
+            "success": True, "project_id": job_id, "job_id": job_id, "status": record["status"],
+            "message": MESSAGES[JobStatus(record["status"])], "websocket_endpoint": "/socket.io/",
             "socketio": {"path": "/socket.io/", "join_event": "join_project", "room_id": job_id},
-            "status_url": f"/status/{job_id}", "queue_position": submitted.queue_position, "timestamp": created,
+            "status_url": f"/status/{job_id}", "queue_position": position,
+            "eta_seconds": self.eta(record, position), "timestamp": record.get("created_at") or now_iso(),
         }
 
     def _dispatch_first(self, job_id: str) -> None:
@@ -95,10 +127,12 @@ class JobService:
     def status(self, owner: str, job_id: str | None) -> dict[str, Any]:
         """The `/status/<id>` body."""
         record = self.job(owner, job_id)
+        position = self.queue_position(record)
         body: dict[str, Any] = {
             "success": True, "project_id": record["id"], "job_id": record["id"], "status": record["status"],
             "message": record.get("message"), "progress": int(record.get("progress") or 0),
-            "queue_position": self.queue_position(record), "attempts": int(record.get("attempts") or 0),
+            "queue_position": position, "eta_seconds": self.eta(record, position),
+            "attempts": int(record.get("attempts") or 0),
             "max_attempts": int(record.get("max_attempts") or 0),
             "potpie_project_id": record.get("potpie_project_id") or None,
             "repo": record["repo"], "branch": record["branch"],
@@ -112,6 +146,64 @@ class JobService:
         if record.get("result"):
             body["result"] = json.loads(record["result"])
         return body
+
+    def eta(self, record: dict[str, Any], position: int | None) -> float | None:
+        """Seconds until the job should finish (see analysis.eta_seconds)."""
+        status = record.get("status", "queued")
+        durations = [] if JobStatus(status).terminal else self.store.recent_durations()
+        admitted = float(record["admitted_at"]) if record.get("admitted_at") else None
+        return analysis.eta_seconds(status, position, admitted, durations, self.settings.max_concurrent_jobs,
+                                    time.time())
+
+    def cancel(self, owner: str, job_id: str | None) -> dict[str, Any]:
+        """Cancel a queued or running job: free its slot, tell its room; a running step stops at its next commit."""
+        record = self.job(owner, job_id)
+        if JobStatus(record["status"]).terminal:
+            raise Conflict(f"the job has already ended ({record['status']})", field="job_id", status=record["status"])
+        fields = {"message": MESSAGES[JobStatus.CANCELLED], "finished_at": now_iso(), "cancelled_by": owner}
+        seq, admitted = self.store.finish(record["id"], "", JobStatus.CANCELLED, fields)
+        if seq < 0:
+            raise Conflict("the job has already ended", field="job_id")
+        record.update(fields, status=JobStatus.CANCELLED.value)
+        self.emit(record["id"], final_events(record, seq))
+        for admitted_id in admitted:
+            self._dispatch_first(admitted_id)
+        log.info("job cancelled", extra={"job_id": record["id"]})
+        return {"success": True, "project_id": record["id"], "job_id": record["id"],
+                "status": JobStatus.CANCELLED.value, "timestamp": now_iso()}
+
+    def list_jobs(self, owner: str, status: str | None, page: int, per_page: int) -> dict[str, Any]:
+        """A page of the owner's jobs, newest first (status=failed: the dead-letter list)."""
+        total, records = self.store.owner_jobs(owner, status, (page - 1) * per_page, per_page)
+        jobs = []
+        for record in records:
+            position = self.queue_position(record)
+            jobs.append({
+                "job_id": record["id"], "project_id": record["id"], "repo": record["repo"],
+                "branch": record["branch"], "question": record.get("question", ""), "status": record["status"],
+                "progress": int(record.get("progress") or 0), "queue_position": position,
+                "eta_seconds": self.eta(record, position), "attempts": int(record.get("attempts") or 0),
+                "created_at": record.get("created_at"), "finished_at": record.get("finished_at") or None,
+                "failed_reason": record.get("failed_reason") or None, "retry_of": record.get("retry_of") or None,
+            })
+        return {"success": True, "jobs": jobs, "page": page, "per_page": per_page, "total": total,
+                "status": status, "timestamp": now_iso()}
+
+    def retry(self, owner: str, job_id: str | None, github_token: str | None) -> tuple[int, dict[str, Any]]:
+        """Run a failed or cancelled job again as a new job that keeps the history."""
+        record = self.job(owner, job_id)
+        if record["status"] not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+            raise Conflict(f"only failed or cancelled jobs can be retried (this one is {record['status']})",
+                           field="job_id", status=record["status"])
+        if record.get("has_github_token") == "1" and not github_token:
+            raise ValidationError("the original job had a GitHub token, which was deleted when it ended: "
+                                  "send it again as github_token", field="github_token")
+        history = json.loads(record.get("history") or "[]") + [record["id"]]
+        request = AnalyzeRequest(record["repo"], record["branch"], record.get("question", ""), github_token,
+                                 record.get("callback_url") or None)
+        status, body = self.submit(owner, request, extra={"retry_of": record["id"], "history": json.dumps(history)})
+        body.update(retry_of=record["id"], history=history)
+        return status, body
 
     def queue_stats(self) -> dict[str, Any]:
         """The `/queue/stats` body: counts only."""

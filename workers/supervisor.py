@@ -11,6 +11,8 @@ import time
 from celery.signals import worker_ready, worker_shutting_down
 from celery.utils import worker_direct
 
+from potpie_service.events import Emitter
+from potpie_service.positions import announce
 from potpie_service.queue import HEARTBEAT, dispatcher
 from potpie_service.recovery import sweep
 from potpie_service.runtime import make_store
@@ -29,6 +31,7 @@ def stall_limit() -> float:
 def _loop(hostname: str) -> None:
     store = make_store(settings)
     dispatch = dispatcher(app, settings)
+    emitter = Emitter(settings)
     interval = settings.worker_heartbeat_interval
     started = time.time()
     while not _stop.wait(interval):
@@ -36,6 +39,7 @@ def _loop(hostname: str) -> None:
             app.send_task(HEARTBEAT, args=[hostname], queue=worker_direct(hostname).name)
             if store.try_lock("sweeper", interval * 0.9):
                 sweep(store, dispatch, settings.step_grace)
+                announce(store, emitter.emit, settings.max_concurrent_jobs)
             seen = store.worker_last_seen(hostname) or started
         except Exception:  # the broker may be down for a while; keep trying, the check below decides
             log.exception("supervisor tick failed")

@@ -7,7 +7,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import socketio as python_socketio
 from flask import Flask, Response, g, request
@@ -18,16 +18,19 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from ..auth import Authenticator, missing_keys_problem
 from ..config import Settings
 from ..connections import redis_options, tls_problem
-from ..events import channel
+from ..events import channel, room
+from ..metrics import instrument
 from ..potpie import PotpieClient
 from ..queue import dispatcher, make_celery
 from ..runtime import make_store
-from ..service import JobService
 from ..tokens import TokenCipher
-from . import routes, sockets
+from . import jobs_routes, routes, sockets
 from .errors import ApiError, error_response
 from .ratelimit import init_rate_limits
 from .validation import MAX_BODY_BYTES
+
+if TYPE_CHECKING:
+    from ..service import JobService
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class ApiContext:
     """What the views and socket handlers use, stored in `app.extensions["potpie"]`."""
 
     settings: Settings
-    service: JobService
+    service: "JobService"
     auth: Authenticator
     sockets: sockets.ConnectionCount
     socketio: SocketIO
@@ -107,6 +110,8 @@ def preflight(settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API app; the Socket.IO server is `app.extensions["socketio"]`."""
+    from ..service import JobService  # here, not at the top: service imports api.errors (a cycle otherwise)
+
     settings = settings or Settings.from_env()
     app = Flask("potpie_service")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES * 4  # hard stop; /analyze checks 16 KiB itself
@@ -129,7 +134,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["potpie"] = ApiContext(settings, service, auth, count, socketio)
     app.register_blueprint(routes.bp)
     sockets.register(socketio, service, auth, count)
+    app.register_blueprint(jobs_routes.bp)
+    service.emit = lambda job_id, events: [socketio.emit(name, data, to=room(job_id)) for name, data in events]
     _install_hooks(app, settings)
+    instrument(app, settings, store, count)  # /metrics data, request latency, access log
     init_rate_limits(app, settings, auth, routes.presented_key)
     if settings.trusted_proxies:  # client IP and scheme from X-Forwarded-* set by that many proxies in front
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]

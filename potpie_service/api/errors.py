@@ -34,6 +34,12 @@ class NotFound(ApiError):
     status = 404
 
 
+class Conflict(ApiError):
+    """The request conflicts with the job's state or an earlier request (409)."""
+
+    status = 409
+
+
 class PayloadTooLarge(ApiError):
     """The body is over the limit (413)."""
 

@@ -43,9 +43,12 @@ def _json_body() -> Any:
     raw = request.get_data(cache=True)
     if len(raw) > validation.MAX_BODY_BYTES:
         raise PayloadTooLarge(f"the body must be at most {validation.MAX_BODY_BYTES} bytes", field="body")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # json's C decoder recurses: thousands of nested brackets fit in 16 KiB
+        body = None
     if body is None:
-        raise ValidationError("the body is not valid JSON", field="body")
+        raise ValidationError("the body is not valid JSON (or nested too deeply)", field="body")
     return body
 
 
@@ -65,6 +68,15 @@ def openapi_document() -> Any:
     return jsonify(openapi.document())
 
 
+@bp.get("/metrics")
+def metrics() -> Any:
+    exporter, key = current_app.extensions["metrics"], presented_key()
+    if not exporter.accepts(key, _ctx().auth.operator(key)):
+        raise Unauthorized("Send Authorization: Bearer <METRICS_TOKEN> to read metrics")
+    body, content_type = exporter.render()
+    return current_app.response_class(body, content_type=content_type)
+
+
 @bp.get("/health")
 def health() -> Any:
     ctx = _ctx()
@@ -79,7 +91,9 @@ def health() -> Any:
 def analyze() -> Any:
     owner = _owner()
     body = validation.analyze_request(_json_body())
-    return jsonify(_ctx().service.submit(owner, body)), 202
+    key = validation.idempotency_key(request.headers.get("Idempotency-Key"))
+    status, reply = _ctx().service.submit(owner, body, key)
+    return jsonify(reply), status
 
 
 @bp.get("/status/<job_id>")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import request
 from flask_socketio import SocketIO, join_room, leave_room
 
 from ..auth import Authenticator
 from ..events import JOIN_PROJECT, LEAVE_PROJECT, replay, room
-from ..service import JobService
 from .errors import ApiError
 from .validation import check_job_id
+
+if TYPE_CHECKING:
+    from ..service import JobService
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +77,12 @@ def register(socketio: SocketIO, service: JobService, auth: Authenticator, count
             record = service.job(owners.get(request.sid, ""), job_id)
             join_room(room(job_id))  # join before reading: an event in between arrives twice, never zero times
             record = service.job(owners.get(request.sid, ""), job_id)
-            events = replay(record, service.queue_position(record))
+            position = service.queue_position(record)
+            events = replay(record, position, service.eta(record, position))
         except ApiError as exc:
             return {"ok": False, "error": exc.error, "project_id": job_id}
-        for name, payload in events:
-            socketio.emit(name, payload, to=request.sid)
+        for name, payload in events:  # for this socket only, which is on this process: no Redis round trip
+            socketio.emit(name, payload, to=request.sid, ignore_queue=True)
         return {"ok": True, "project_id": job_id, "status": record["status"], "seq": events[-1][1]["seq"]}
 
     @socketio.on(LEAVE_PROJECT)

@@ -25,7 +25,9 @@ _TOKEN = re.compile(TOKEN_PATTERN)
 _QUESTION = re.compile(QUESTION_PATTERN)
 _JOB_ID = re.compile(r"[a-f0-9]{32}")
 _FIELD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-FIELDS = ("repo", "branch", "question", "github_token")
+FIELDS = ("repo", "branch", "question", "github_token", "callback_url")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+LIST_STATUSES = ("finished", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class AnalyzeRequest:
     branch: str
     question: str
     github_token: str | None
+    callback_url: str | None = None
 
 
 def _string(body: dict[str, Any], name: str, default: str | None = None) -> str | None:
@@ -91,4 +94,30 @@ def analyze_request(body: Any) -> AnalyzeRequest:
     if token is not None and not _TOKEN.fullmatch(token):
         raise ValidationError("github_token must be a GitHub token (letters, digits and _ only)",
                               field="github_token")
-    return AnalyzeRequest(repo, branch, question, token or None)
+    callback_url = _string(body, "callback_url")
+    if callback_url is not None and (len(callback_url) > 2048 or not callback_url.startswith(("http://", "https://"))):
+        raise ValidationError("callback_url must be an http(s) URL of at most 2048 characters", field="callback_url")
+    return AnalyzeRequest(repo, branch, question, token or None, callback_url or None)
+
+
+def idempotency_key(value: str | None) -> str | None:
+    """The Idempotency-Key header when present and well-formed (printable ASCII, at most 200 characters)."""
+    if value is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(value):
+        raise ValidationError("Idempotency-Key must be 1-200 printable ASCII characters", field="Idempotency-Key")
+    return value
+
+
+def page_query(args: Any) -> tuple[str | None, int, int]:
+    """(status, page, per_page) from `GET /jobs` query arguments."""
+    status = args.get("status") or None
+    if status is not None and status not in LIST_STATUSES:
+        raise ValidationError(f"status must be one of {', '.join(LIST_STATUSES)}", field="status")
+    numbers = {}
+    for name, default, high in (("page", 1, 10_000), ("per_page", 20, 100)):
+        raw = args.get(name, str(default))
+        if not raw.isdigit() or not 1 <= int(raw) <= high:
+            raise ValidationError(f"{name} must be a whole number from 1 to {high}", field=name)
+        numbers[name] = int(raw)
+    return status, numbers["page"], numbers["per_page"]

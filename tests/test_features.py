@@ -1,0 +1,215 @@
+"""What no job queue offers: queue position + ETA, dedup, cancellation, dead-letter replay, webhooks."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+
+import pytest
+import requests
+import socketio
+
+from potpie_service import webhooks
+from tests.conftest import Stack, make_stack
+from tests.stack import wait_for
+
+SECRET = "whsec-test"
+
+
+@pytest.fixture(scope="module")
+def fifo_stack(redis_server, simulator) -> Iterator[Stack]:
+    """One job at a time, so queue positions, ETAs and cancellation are easy to see."""
+    running = make_stack(redis_server, simulator, "fifo", MAX_CONCURRENT_JOBS="1", POTPIE_POLL_INTERVAL="0.1")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def feat_stack(redis_server, simulator) -> Iterator[Stack]:
+    running = make_stack(redis_server, simulator, "feat", DEDUP_ENABLED="true", WEBHOOK_SECRET=SECRET,
+                         WEBHOOK_ALLOW_PRIVATE="true", POTPIE_POLL_INTERVAL="0.1")
+    yield running
+    running.stop()
+
+
+def post(stack: Stack, body: dict, **headers: str) -> requests.Response:
+    return requests.post(stack.url + "/analyze", json=body, headers=headers, timeout=5)
+
+
+def follow(stack: Stack, job_id: str) -> tuple[socketio.Client, list[tuple[str, dict]]]:
+    """A networked Socket.IO client joined to the job's room, recording every event."""
+    events: list[tuple[str, dict]] = []
+    client = socketio.Client(reconnection=False)
+    for name in ("status_update", "analysis_complete", "analysis_error"):
+        client.on(name, lambda data, name=name: events.append((name, data)))
+    client.connect(stack.url, transports=["websocket"], wait_timeout=5)
+    assert client.call("join_project", job_id, timeout=5)["ok"] is True
+    return client, events
+
+
+def test_queue_position_and_eta_in_answer_status_and_events(fifo_stack: Stack) -> None:
+    fifo_stack.wait_final(fifo_stack.submit("octocat/warmup")["job_id"])  # a finished job gives the ETA a basis
+    running = fifo_stack.submit("slow-parse/eta-a")
+    second = fifo_stack.submit("slow-parse/eta-b")
+    third = fifo_stack.submit("slow-parse/eta-c")
+    assert (second["queue_position"], third["queue_position"]) == (1, 2)
+    assert second["eta_seconds"] > 0 and third["eta_seconds"] > second["eta_seconds"]
+    status = fifo_stack.status(third["job_id"])
+    assert status["queue_position"] == 2 and status["eta_seconds"] == pytest.approx(third["eta_seconds"], rel=0.5)
+    client, events = follow(fifo_stack, third["job_id"])
+    try:
+        first = events[0][1]
+        assert first["status"] == "queued" and first["queue_position"] == 2 and first["eta_seconds"] > 0
+        wait_for(lambda: any(e[1].get("queue_position") == 1 for e in events), 15, what="position 1 pushed")
+        final = fifo_stack.wait_final(third["job_id"], timeout=40)
+        assert final["status"] == "finished" and final["eta_seconds"] is None and final["queue_position"] is None
+    finally:
+        client.disconnect()
+    assert fifo_stack.wait_final(running["job_id"])["status"] == "finished"
+
+
+def test_cancel_running_job_stops_it_frees_the_slot_and_never_completes(fifo_stack: Stack, sim_stats) -> None:
+    victim = fifo_stack.submit("slow-parse/cancel-me")
+    waiting = fifo_stack.submit("octocat/after-cancel")
+    wait_for(lambda: fifo_stack.status(victim["job_id"])["status"] == "parsing", 15, what="the job to run")
+    client, events = follow(fifo_stack, victim["job_id"])
+    try:
+        answer = requests.delete(f"{fifo_stack.url}/jobs/{victim['job_id']}", timeout=5)
+        assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
+        wait_for(lambda: any(e[1]["status"] == "cancelled" for e in events), 5, what="the cancelled event")
+        # the slot is free at once: the next job runs and finishes while the victim's parse would still run
+        assert fifo_stack.wait_final(waiting["job_id"], timeout=15)["status"] == "finished"
+        time.sleep(3.5)  # past the slow parse: a surviving step would have finished the victim by now
+        assert [e for e in events if e[0] in ("analysis_complete", "analysis_error")] == []
+    finally:
+        client.disconnect()
+    final = fifo_stack.status(victim["job_id"])
+    assert final["status"] == "cancelled" and "result" not in final
+    again = requests.delete(f"{fifo_stack.url}/jobs/{victim['job_id']}", timeout=5)
+    assert again.status_code == 409 and again.json()["details"]["status"] == "cancelled"
+    assert requests.delete(f"{fifo_stack.url}/jobs/{'0' * 32}", timeout=5).status_code == 404
+
+
+def test_cancel_queued_job_keeps_fifo_for_the_rest(fifo_stack: Stack) -> None:
+    blocker = fifo_stack.submit("slow-parse/blocker")
+    a, b, c = (fifo_stack.submit(f"octocat/q{i}") for i in range(3))
+    assert requests.delete(f"{fifo_stack.url}/jobs/{b['job_id']}", timeout=5).status_code == 200
+    assert fifo_stack.status(c["job_id"])["queue_position"] == 2
+    assert [fifo_stack.wait_final(j["job_id"])["status"] for j in (blocker, a, c)] == ["finished"] * 3
+    assert fifo_stack.status(b["job_id"])["status"] == "cancelled"
+
+
+def test_identical_request_while_running_returns_the_running_job(feat_stack: Stack) -> None:
+    body = {"repo": "slow-parse/dedup", "question": "same question"}
+    first = post(feat_stack, body)
+    second = post(feat_stack, body)
+    assert first.status_code == 202 and second.status_code == 200
+    assert second.json()["job_id"] == first.json()["job_id"] and second.json()["deduplicated"] is True
+    other = post(feat_stack, {**body, "question": "another question"})
+    assert other.status_code == 202 and other.json()["job_id"] != first.json()["job_id"]
+    feat_stack.wait_final(first.json()["job_id"])
+    after = post(feat_stack, body)
+    assert after.status_code == 202 and after.json()["job_id"] != first.json()["job_id"], "ended jobs do not dedup"
+    for job in (other, after):
+        feat_stack.wait_final(job.json()["job_id"])
+
+
+def test_idempotency_key_replays_the_original_and_conflicts_on_a_different_body(feat_stack: Stack) -> None:
+    body = {"repo": "octocat/idem", "question": "q1"}
+    first = post(feat_stack, body, **{"Idempotency-Key": "order-42"})
+    feat_stack.wait_final(first.json()["job_id"])
+    again = post(feat_stack, body, **{"Idempotency-Key": "order-42"})
+    assert again.status_code == 200 and again.json()["job_id"] == first.json()["job_id"]
+    assert again.json()["idempotent_replay"] is True and again.json()["status"] == "finished"
+    clash = post(feat_stack, {**body, "question": "q2"}, **{"Idempotency-Key": "order-42"})
+    assert clash.status_code == 409 and clash.json()["details"]["field"] == "Idempotency-Key"
+    bad = post(feat_stack, body, **{"Idempotency-Key": "x" * 201})
+    assert bad.status_code == 400 and bad.json()["details"]["field"] == "Idempotency-Key"
+
+
+def test_dead_letter_list_is_paginated_and_retry_keeps_the_history(feat_stack: Stack) -> None:
+    failed = [feat_stack.submit(f"parse-error/dlq{i}") for i in range(3)]
+    for job in failed:
+        assert feat_stack.wait_final(job["job_id"])["status"] == "failed"
+    page1 = requests.get(feat_stack.url + "/jobs", params={"status": "failed", "per_page": 2}, timeout=5).json()
+    page2 = requests.get(feat_stack.url + "/jobs", params={"status": "failed", "per_page": 2, "page": 2},
+                         timeout=5).json()
+    ids = [j["job_id"] for j in page1["jobs"] + page2["jobs"]]
+    assert page1["total"] >= 3 and len(page1["jobs"]) == 2
+    assert set(ids[:3]) == {j["job_id"] for j in failed} and len(set(ids)) == len(ids), "no job twice"
+    listed = page1["jobs"] + page2["jobs"]
+    assert [j["finished_at"] for j in listed] == sorted((j["finished_at"] for j in listed), reverse=True)
+    assert all(j["status"] == "failed" and j["failed_reason"] for j in page1["jobs"])
+    assert requests.get(feat_stack.url + "/jobs", params={"status": "nope"}, timeout=5).status_code == 400
+    retried = requests.post(f"{feat_stack.url}/jobs/{failed[0]['job_id']}/retry", timeout=5)
+    assert retried.status_code == 202, retried.text
+    new = retried.json()
+    assert new["job_id"] != failed[0]["job_id"] and new["retry_of"] == failed[0]["job_id"]
+    assert new["history"] == [failed[0]["job_id"]]
+    assert feat_stack.wait_final(new["job_id"])["status"] == "failed"
+    again = requests.post(f"{feat_stack.url}/jobs/{new['job_id']}/retry", timeout=5).json()
+    assert again["history"] == [failed[0]["job_id"], new["job_id"]]
+    done = feat_stack.submit("octocat/not-failed")
+    feat_stack.wait_final(done["job_id"])
+    assert requests.post(f"{feat_stack.url}/jobs/{done['job_id']}/retry", timeout=5).status_code == 409
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that fails the first `fail_first` deliveries."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.calls: list[tuple[dict, bytes, int]] = []
+        self.fail_first = fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = 500 if len(receiver.calls) < receiver.fail_first else 204
+                receiver.calls.append((dict(self.headers), body, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_webhook_is_signed_retried_and_carries_the_final_event(feat_stack: Stack) -> None:
+    receiver = Receiver(fail_first=2)
+    try:
+        job = feat_stack.submit("octocat/webhook", callback_url=receiver.url)
+        final = feat_stack.wait_final(job["job_id"])
+        wait_for(lambda: receiver.calls and receiver.calls[-1][2] == 204, 20, what="a successful delivery")
+        assert [status for *_, status in receiver.calls] == [500, 500, 204], "retried with backoff"
+        headers, body, _ = receiver.calls[-1]
+        assert webhooks.verify(SECRET, headers["X-Potpie-Timestamp"], body, headers["X-Potpie-Signature"])
+        assert not webhooks.verify("wrong", headers["X-Potpie-Timestamp"], body, headers["X-Potpie-Signature"])
+        assert not webhooks.verify(SECRET, str(int(time.time()) - 3600), body, headers["X-Potpie-Signature"])
+        event = json.loads(body)
+        assert event["event"] == "analysis_complete" and event["data"] == final["result"]
+        failed = feat_stack.submit("parse-error/webhook", callback_url=receiver.url)
+        feat_stack.wait_final(failed["job_id"])
+        wait_for(lambda: json.loads(receiver.calls[-1][1])["job_id"] == failed["job_id"], 10,
+                 what="the failure webhook")
+        assert json.loads(receiver.calls[-1][1])["event"] == "analysis_error"
+    finally:
+        receiver.close()
+
+
+def test_webhook_to_loopback_is_refused_unless_allowed(stack: Stack) -> None:
+    for url in ("http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.0.0.1/x", "ftp://example.com/x"):
+        answer = requests.post(stack.url + "/analyze", json={"repo": "octocat/x", "callback_url": url}, timeout=5)
+        assert answer.status_code == 400, url
+        assert answer.json()["details"]["field"] == "callback_url"
