@@ -5,8 +5,12 @@ Every setting here is deliberate; the README's "Reliability" section explains ea
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Any, Iterator
+
 from celery import Celery
 from celery.signals import before_task_publish
+from kombu.transport import redis as kombu_redis
 
 from .config import Settings
 from .connections import celery_ssl_options
@@ -25,9 +29,37 @@ def _mask_task_reprs(headers: dict | None = None, **_: object) -> None:
             headers[name] = mask(headers[name])
 
 
+class _Channel(kombu_redis.Channel):
+    """kombu's Redis channel, reusing one client per connection pool for publishes and acks.
+
+    kombu builds a new `redis.Redis` for every LPUSH, PUBLISH and ack; with redis-py 8 each costs ~140 us of
+    Python (it copies ~170 response callbacks), 2-3 per `send_task`. The client is rebuilt when the pool is
+    (after a fork or a reconnect), so nothing outlives the connections it uses.
+    """
+
+    _shared: tuple[Any, Any] | None = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        pool, shared = self.pool, self._shared
+        if shared is None or shared[0] is not pool:
+            shared = self._shared = (pool, self._create_client())
+        yield shared[1]
+
+
+class Transport(kombu_redis.Transport):
+    """The Redis transport with `_Channel`; selected by `broker_transport` for redis:// and rediss:// alike."""
+
+    Channel = _Channel
+
+
 def make_celery(settings: Settings) -> Celery:
     """The Celery app for the API (producer only) and the workers."""
     app = Celery("potpie_service", broker=settings.redis_url)
+    app.conf.broker_transport = f"{__name__}:Transport"
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
