@@ -14,6 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP) ## create .venv with the pinned dependencies
 	@scripts/ensure-redis.sh
+	@scripts/ensure-chromium.sh
 	@scripts/ensure-helm.sh
 
 test: install ## the whole suite (starts its own throwaway Redis servers)
