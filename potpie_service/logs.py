@@ -6,7 +6,10 @@ import json
 import logging
 import re
 import sys
+from contextvars import ContextVar
 from datetime import datetime, timezone
+
+from gunicorn.glogging import Logger as _GunicornBase
 
 # Tokens that must never reach a log line, whatever code path produced it (a second line of defence).
 _SECRET_PATTERNS = [
@@ -15,7 +18,11 @@ _SECRET_PATTERNS = [
     re.compile(r"(?i)(x-api-key|authorization|github_token|password)(['\"]?\s*[:=]\s*['\"]?)([^\s'\",}]+)"),
     re.compile(r"(rediss?://[^:/@\s]*:)([^@\s]+)(@)"),
 ]
-_EXTRA_FIELDS = ("job_id", "request_id", "seq", "event", "path", "status", "duration_ms", "method")
+_EXTRA_FIELDS = ("job_id", "request_id", "seq", "event", "method", "route", "path", "status", "duration_ms")
+
+# The request (API) or job (worker task) being handled by this thread; stamped on every record logged meanwhile.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+job_id: ContextVar[str | None] = ContextVar("job_id", default=None)
 
 
 def mask(text: str) -> str:
@@ -24,6 +31,17 @@ def mask(text: str) -> str:
     text = _SECRET_PATTERNS[1].sub("***", text)
     text = _SECRET_PATTERNS[2].sub(lambda m: m.group(1) + m.group(2) + "***", text)
     return _SECRET_PATTERNS[3].sub(lambda m: m.group(1) + "***" + m.group(3), text)
+
+
+class ContextFilter(logging.Filter):
+    """Adds the current request id and job id to records that do not carry their own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, var in (("request_id", request_id), ("job_id", job_id)):
+            value = var.get()
+            if value and getattr(record, name, None) is None:
+                setattr(record, name, value)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,8 +67,10 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        job_id = getattr(record, "job_id", None)
-        return mask(f"{line} [job {job_id}]" if job_id else line)
+        for name, label in (("job_id", "job"), ("request_id", "request")):
+            if getattr(record, name, None):
+                line += f" [{label} {getattr(record, name)}]"
+        return mask(line)
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -60,8 +80,23 @@ def setup_logging(level: str, fmt: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # Python warnings (e.g. Celery's) become records in the same format
     for noisy in ("werkzeug", "engineio.server", "socketio.server", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class GunicornLogger(_GunicornBase):
+    """Gunicorn's own lines (start, workers, signals) in the service's format: `--logger-class` / `logger_class`."""
+
+    def setup(self, cfg) -> None:  # noqa: ANN001 (gunicorn's Config)
+        super().setup(cfg)
+        if not logging.getLogger().handlers:  # the gunicorn CLI's master has not loaded the app: read settings now
+            from .bootstrap import load_settings
+            load_settings("api")
+        for logger in (self.error_log, self.access_log):
+            logger.handlers[:] = list(logging.getLogger().handlers)
+        self.error_log.setLevel(max(self.error_log.level, logging.getLogger().level))  # LOG_LEVEL holds here too

@@ -10,6 +10,7 @@ from .config import Settings
 from .connections import make_redis
 from .events import Emitter
 from .jobs import JobStore
+from .metrics import MetricsRecorder
 from .pipeline import Observe, Pipeline
 from .potpie import PotpieClient
 from .queue import dispatcher, webhook_scheduler
@@ -44,16 +45,18 @@ def _fan_out(*observers: Observe) -> Observe:
 def make_worker_runtime(settings: Settings, app: Celery, observer=None) -> WorkerRuntime:
     """Wire the pipeline for one worker process (call after the pool forks)."""
     store = make_store(settings)
+    recorder = MetricsRecorder(store.redis, store.prefix)  # cluster-wide metrics, read by the API's /metrics
     cipher = TokenCipher(settings.token_encryption_key)
     limiter = None
     if settings.potpie_rate_limit > 0:
         limiter = TokenBucket(store.redis, f"{store.prefix}potpie-bucket", settings.potpie_rate_limit)
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout,
-                          attempts=settings.potpie_call_attempts, observer=observer, stream=settings.potpie_stream,
-                          limiter=limiter)
+                          attempts=settings.potpie_call_attempts, observer=observer or recorder.upstream,
+                          stream=settings.potpie_stream, limiter=limiter)
     emitter = Emitter(settings)
     webhooks = WebhookNotifier(store, settings.webhook_secret, settings.webhook_allow_private,
                                settings.webhook_max_attempts, webhook_scheduler(app, settings))
     pipeline = Pipeline(settings, store, potpie, emitter.emit, dispatcher(app, settings),
-                        lambda job_id: cipher.decrypt(store.secret(job_id)), observe=_fan_out(webhooks.on_event))
+                        lambda job_id: cipher.decrypt(store.secret(job_id)),
+                        observe=_fan_out(recorder.observe, webhooks.on_event))
     return WorkerRuntime(store, pipeline, webhooks)

@@ -1,10 +1,32 @@
 """The Celery app: `celery -A workers worker` and `celery -A workers flower`."""
 
+from celery.signals import celeryd_init, task_postrun, task_prerun
+
+from potpie_service import logs
 from potpie_service.bootstrap import load_settings
-from potpie_service.queue import make_celery
+from potpie_service.queue import DELIVER_WEBHOOK, RUN_STEP, make_celery
 
 settings = load_settings("worker")
 app = make_celery(settings)
+
+
+@celeryd_init.connect
+def _no_banner(instance, **_: object) -> None:  # noqa: ANN001
+    """In JSON log mode, skip Celery's ASCII-art start banner (its facts are in the "starting with" line)."""
+    if settings.log_format == "json":
+        instance.quiet = True
+
+
+@task_prerun.connect
+def _bind_job(task, args=None, **_: object) -> None:  # noqa: ANN001
+    """Stamp the job id on every line logged while a job's task runs."""
+    logs.job_id.set(str(args[0]) if task.name in (RUN_STEP, DELIVER_WEBHOOK) and args else None)
+
+
+@task_postrun.connect
+def _unbind_job(**_: object) -> None:
+    logs.job_id.set(None)
+
 
 from . import tasks  # noqa: E402,F401  (registers the tasks on `app`)
 from . import supervisor  # noqa: E402,F401  (heartbeat and sweeper thread)
