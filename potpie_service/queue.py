@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from celery import Celery
-from celery.signals import before_task_publish
+from celery.utils.saferepr import saferepr
 from kombu.transport import redis as kombu_redis
 
 from .config import Settings
@@ -21,12 +21,14 @@ HEARTBEAT = "potpie.heartbeat"
 DELIVER_WEBHOOK = "potpie.deliver_webhook"
 
 
-@before_task_publish.connect(dispatch_uid="psvc-mask-task-reprs")
-def _mask_task_reprs(headers: dict | None = None, **_: object) -> None:
-    """Second line of defence: Flower and worker logs show task arguments only through the secret mask."""
-    for name in ("argsrepr", "kwargsrepr"):
-        if headers and isinstance(headers.get(name), str):
-            headers[name] = mask(headers[name])
+class MaskedCelery(Celery):
+    """Celery whose task messages carry masked argument reprs: what Flower and worker logs show of a task."""
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Send as usual; the reprs pass the secret mask (a second line of defence: task args hold no secrets)."""
+        options.setdefault("argsrepr", mask(saferepr(args or ())))
+        options.setdefault("kwargsrepr", mask(saferepr(kwargs or {})))
+        return super().send_task(name, args, kwargs, **options)
 
 
 class _Channel(kombu_redis.Channel):
@@ -58,7 +60,7 @@ class Transport(kombu_redis.Transport):
 
 def make_celery(settings: Settings) -> Celery:
     """The Celery app for the API (producer only) and the workers."""
-    app = Celery("potpie_service", broker=settings.redis_url)
+    app = MaskedCelery("potpie_service", broker=settings.redis_url)
     app.conf.broker_transport = f"{__name__}:Transport"
     app.conf.update(
         task_serializer="json",
