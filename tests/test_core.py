@@ -1,0 +1,142 @@
+"""The pure core and the settings: analysis decisions, JSON extraction, validation rules, configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from potpie_service import analysis
+from potpie_service.analysis import Step
+from potpie_service.api.errors import ValidationError
+from potpie_service.api.validation import analyze_request, check_branch, check_repo
+from potpie_service.config import ConfigError, Settings
+from tests.stack import ROOT
+
+
+def test_next_step_follows_what_the_job_already_holds() -> None:
+    job: dict[str, str] = {}
+    assert analysis.next_step(job) is Step.SUBMIT_PARSE
+    job.update(potpie_project_id="p", parse_status="cloned")
+    assert analysis.next_step(job) is Step.POLL_PARSE
+    job["parse_status"] = "ready"
+    assert analysis.next_step(job) is Step.CREATE_CONVERSATION
+    job["conversation_id"] = "c"
+    assert analysis.next_step(job) is Step.ASK_QUESTION
+    job["answer"] = ""  # an empty answer is still an answer: do not ask twice
+    assert analysis.next_step(job) is Step.ASK_STRUCTURED
+    job["analysis_text"] = "{}"
+    assert analysis.next_step(job) is Step.FINISH
+
+
+def test_parse_progress_is_monotonic_and_unknown_statuses_creep() -> None:
+    progress = 10
+    for status in ["submitted", "cloned", "weird", "parsed", "submitted", "inferring", "ready"]:
+        new = analysis.parse_progress(status, progress)
+        assert new >= progress
+        progress = new
+    assert progress == 60
+    assert analysis.parse_progress("still-working", 59) == 59
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('Here:\n```json\n{"overview": "x", "snippets": []}\n```\nbye', {"overview": "x", "snippets": []}),
+    ('prose {"a": 1} more {"b": 2}', {"a": 1}),
+    ('```\n{"a": {"b": [1, 2]}}\n```', {"a": {"b": [1, 2]}}),
+    ('broken ```json\n{"a": 1,}\n``` then {"ok": true}', {"ok": True}),
+    ("no json at all", None),
+    ("[1, 2, 3]", None),
+])
+def test_extract_json_finds_the_first_object(text: str, expected: object) -> None:
+    assert analysis.extract_json(text) == expected
+
+
+def test_build_result_normalises_snippets_and_keeps_raw_text_when_unparseable() -> None:
+    job = {"id": "j", "repo": "o/r", "branch": "main", "question": "", "answer": "A", "citations": '["a.py"]',
+           "analysis_text": '```json\n{"overview": "o", "snippets": [{"file_path": "a.py", "line_start": "3", '
+                            '"line_end": 1, "tags": "x"}, {"no": "path"}]}\n```', "attempts": "2"}
+    result = analysis.build_result(job, "t", 5)
+    assert result["snippets"] == [{"node_id": "a.py:3-1", "file_path": "a.py", "line_start": 3, "line_end": 3,
+                                   "tags": [], "description": ""}]
+    assert result["snippets_count"] == 1 and result["analysis_response"] == {"overview": "o"}
+    assert result["question"] == analysis.DEFAULT_QUESTION and result["metadata"]["attempts"] == 2
+    broken = analysis.build_result({**job, "analysis_text": "sorry, no"}, "t", 5)
+    assert broken["analysis_response"]["raw_text"] == "sorry, no" and broken["snippets_count"] == 0
+
+
+def test_eta_from_recent_durations() -> None:
+    assert analysis.eta_seconds("queued", 3, None, [], 2, 100.0) is None
+    assert analysis.eta_seconds("queued", 3, None, [10.0, 20.0], 2, 100.0) == 45.0  # 2 rounds of 15 s + its own
+    assert analysis.eta_seconds("parsing", None, 95.0, [10.0], 2, 100.0) == 5.0
+    assert analysis.eta_seconds("finished", None, 95.0, [10.0], 2, 100.0) is None
+
+
+@pytest.mark.parametrize("repo", ["octocat/Hello-World", "a/b", "my-org/repo.name_2", "A1/x.y-z"])
+def test_valid_repos(repo: str) -> None:
+    assert check_repo(repo) == repo
+
+
+@pytest.mark.parametrize("repo", ["", "noslash", "-bad/x", "bad-/x", "a--b/x" * 0 + "o/..", "o/x.git",
+                                  "o/x y", "o/<script>", "o" * 40 + "/x", "o/" + "x" * 101, "../x", "o/r/extra"])
+def test_invalid_repos(repo: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        check_repo(repo)
+    assert info.value.details["field"] == "repo"
+
+
+@pytest.mark.parametrize("branch", ["main", "feature/x", "release-1.2", "v1.0.0", "a_b"])
+def test_valid_branches(branch: str) -> None:
+    assert check_branch(branch) == branch
+
+
+@pytest.mark.parametrize("branch", ["", "a..b", "a b", "a~1", "a^", "a:b", "a?", "a*", "a[", "a\\b", "/a",
+                                    "a/", "a.lock", "a/.b", ".a", "a@{1}", "@", "a//b", "-a", "x" * 256])
+def test_invalid_branches(branch: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        check_branch(branch)
+    assert info.value.details["field"] == "branch"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"repo": 5}, "repo"), ({"repo": "a/b", "branch": ["x"]}, "branch"), ({"repo": "a/b", "question": 1}, "question"),
+    ({"repo": "a/b", "question": "x" * 4001}, "question"), ({"repo": "a/b", "github_token": "tok en"}, "github_token"),
+    ({"repo": "a/b", "extra": 1}, "extra"), ({"repo": "a/b", "callback_url": "ftp://x"}, "callback_url"),
+])
+def test_analyze_request_names_the_bad_field(body: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        analyze_request(body)
+    assert info.value.details["field"] == field
+
+
+def test_redis_db_zero_stays_zero_and_url_wins() -> None:
+    assert Settings.from_env({"REDIS_DB": "0"}).redis_url.endswith("/0")
+    parts = Settings.from_env({"REDIS_HOST": "h", "REDIS_PORT": "7000", "REDIS_DB": "3", "REDIS_PASSWORD": "p@s:s",
+                               "REDIS_USERNAME": "u", "REDIS_TLS_ENABLED": "true"})
+    assert parts.redis_url == "rediss://u:p%40s%3As@h:7000/3" and parts.redis_tls
+    assert Settings.from_env({"REDIS_URL": "redis://x:1/2", "REDIS_HOST": "h"}).redis_url == "redis://x:1/2"
+
+
+def test_every_bad_value_is_named_at_once_and_secrets_are_hidden() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"PORT": "80a", "REDIS_TLS_ENABLED": "maybe", "REDIS_URL": "http://secret@x",
+                           "MAX_CONCURRENT_JOBS": "0", "TOKEN_ENCRYPTION_KEY": "short"})
+    message = str(info.value)
+    for name in ("PORT", "REDIS_TLS_ENABLED", "REDIS_URL", "MAX_CONCURRENT_JOBS", "TOKEN_ENCRYPTION_KEY"):
+        assert name in message
+    assert "secret@x" not in message
+
+
+def test_visibility_timeout_must_exceed_the_task_time_limit() -> None:
+    with pytest.raises(ConfigError, match="BROKER_VISIBILITY_TIMEOUT"):
+        Settings.from_env({"BROKER_VISIBILITY_TIMEOUT": "100", "REQUEST_TIMEOUT": "60000"})
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "potpie_service", "api"],
+                                     [sys.executable, "-m", "celery", "-A", "workers", "worker"]])
+def test_bad_configuration_stops_start_up_with_one_line(command: list[str]) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PORT": "eighty", "AUTH_DISABLED": "true"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "PORT='eighty': expected a whole number" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
