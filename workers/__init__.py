@@ -1,6 +1,6 @@
 """The Celery app: `celery -A workers worker` and `celery -A workers flower`."""
 
-from celery.signals import celeryd_init, task_postrun, task_prerun
+from celery.signals import celeryd_init, setup_logging, task_postrun, task_prerun
 
 from potpie_service import logs
 from potpie_service.bootstrap import load_settings
@@ -8,6 +8,11 @@ from potpie_service.queue import DELIVER_WEBHOOK, RUN_STEP, make_celery
 
 settings = load_settings("worker")
 app = make_celery(settings)
+
+
+@setup_logging.connect
+def _keep_our_logging(**_: object) -> None:
+    """Celery leaves logging as load_settings set it: LOG_LEVEL and LOG_FORMAT win over `--loglevel`."""
 
 
 @celeryd_init.connect
