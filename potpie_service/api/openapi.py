@@ -11,7 +11,8 @@ from typing import Any
 
 from .. import SERVICE_NAME, __version__
 from ..model import JobStatus
-from .validation import BRANCH_PATTERN, MAX_BODY_BYTES, MAX_QUESTION, QUESTION_PATTERN, REPO_PATTERN, TOKEN_PATTERN
+from .validation import (BRANCH_PATTERN, CALLBACK_URL_PATTERN, LIST_STATUSES, MAX_BODY_BYTES, MAX_QUESTION, QUESTION_PATTERN, REPO_PATTERN,
+                         TOKEN_PATTERN)
 
 Schema = dict[str, Any]
 
@@ -44,8 +45,9 @@ SCHEMAS: dict[str, Schema] = {
             "github_token": {"type": ["string", "null"], "pattern": f"^{TOKEN_PATTERN}$", "writeOnly": True,
                              "description": "Encrypted at rest, readable only by the worker, deleted when the job "
                                             "ends; never returned, logged or queued in plaintext"},
-            "callback_url": {"type": ["string", "null"], "maxLength": 2048, "pattern": "^https?://",
-                             "description": "A webhook called when the job ends (public http(s) hosts only)"},
+            "callback_url": {"type": ["string", "null"], "pattern": f"^{CALLBACK_URL_PATTERN}$",
+                             "description": "A webhook called when the job ends: http(s), an ASCII host name or "
+                                            "IPv4 address resolving to public addresses only, no credentials"},
         },
     },
     "Accepted": {
@@ -124,11 +126,41 @@ SCHEMAS: dict[str, Schema] = {
                        "timestamp": _TIMESTAMP, "uptime": {"type": "number", "minimum": 0}},
     },
     "Live": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
+    "JobSummary": {
+        "type": "object", "required": ["job_id", "project_id", "repo", "branch", "status", "progress", "attempts"],
+        "properties": {
+            "job_id": _JOB_ID, "project_id": _JOB_ID, "repo": {"type": "string"}, "branch": {"type": "string"},
+            "question": {"type": "string"}, "status": {"enum": [status.value for status in JobStatus]},
+            "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+            "queue_position": {"type": ["integer", "null"], "minimum": 0},
+            "eta_seconds": {"type": ["number", "null"], "minimum": 0}, "attempts": _COUNT,
+            "created_at": _NULLABLE_STR, "finished_at": _NULLABLE_STR, "failed_reason": _NULLABLE_STR,
+            "retry_of": {"anyOf": [_JOB_ID, {"type": "null"}]},
+        },
+    },
+    "JobList": {
+        "type": "object", "required": ["success", "jobs", "page", "per_page", "total", "status", "timestamp"],
+        "properties": {
+            "success": {"const": True}, "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSummary"}},
+            "page": {"type": "integer", "minimum": 1}, "per_page": {"type": "integer", "minimum": 1, "maximum": 100},
+            "total": _COUNT, "status": {"enum": [*LIST_STATUSES, None]}, "timestamp": _TIMESTAMP,
+        },
+    },
+    "Cancelled": {
+        "type": "object", "required": ["success", "project_id", "job_id", "status", "timestamp"],
+        "properties": {"success": {"const": True}, "project_id": _JOB_ID, "job_id": _JOB_ID,
+                       "status": {"const": JobStatus.CANCELLED.value}, "timestamp": _TIMESTAMP},
+    },
+    "RetryRequest": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"github_token": {"type": ["string", "null"], "pattern": f"^{TOKEN_PATTERN}$",
+                                        "writeOnly": True, "description": "Required if the failed job had one"}},
+    },
 }
 
 _ERROR_TEXT = {
     400: "Invalid input; `details.field` names the field", 401: "No valid API key",
-    409: "Idempotency-Key reused with a different request",
+    409: "Conflicts with the job's state, or an Idempotency-Key reused with a different request",
     404: "No such job for this API key (other owners' jobs look the same as missing ones)",
     413: f"Body over {MAX_BODY_BYTES} bytes", 415: "Body is not JSON", 429: "Over RATE_LIMIT for this key or IP",
     503: "Redis (the job store or queue) is unreachable",
@@ -157,6 +189,15 @@ def _op(summary: str, responses: dict[str, Any], secured: bool = True, **extra: 
 
 _JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"},
                  "description": "The id returned by POST /analyze (32 hex digits)"}
+_JSON_BODY = "Body over 16 KiB (413) or not JSON (415) are refused as for POST /analyze"
+
+
+def _query(name: str, schema: Schema, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+def _raw(media_type: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
 
 PATHS: dict[str, Any] = {
     "/": {"get": _op("Service name, version and uptime", {"200": _json("Info", "Running")}, secured=False)},
@@ -183,6 +224,32 @@ PATHS: dict[str, Any] = {
     "/openapi.json": {"get": _op("This document", {"200": {
         "description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}},
         secured=False)},
+    "/metrics": {"get": _op(
+        "Prometheus metrics (METRICS_TOKEN, an ops key or a client key as bearer)",
+        {"200": _raw("text/plain", "Prometheus text exposition format"), **_errors(401)})},
+    "/jobs": {"get": _op(
+        "The caller's jobs, newest first; ?status=failed is the dead-letter list",
+        {"200": _json("JobList", "A page of jobs"), **_errors(400, 401, 503)},
+        parameters=[_query("status", {"enum": [*LIST_STATUSES, ""]}, "Only jobs that ended this way (empty: all)"),
+                    _query("page", {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 1}, "1-based"),
+                    _query("per_page", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                           "Jobs per page")])},
+    "/jobs/{job_id}": {"delete": _op(
+        "Cancel a queued or running job",
+        {"200": _json("Cancelled", "Cancelled; its room gets the final event"), **_errors(401, 404, 409, 503)},
+        parameters=[_JOB_ID_PARAM])},
+    "/jobs/{job_id}/retry": {"post": _op(
+        "Run a failed or cancelled job again as a new job that keeps the history",
+        {"202": _json("Accepted", "The new job, queued"), "200": _json("Accepted", "An existing identical job"),
+         **_errors(400, 401, 404, 409, 413, 415, 429, 503)},
+        parameters=[_JOB_ID_PARAM], description=_JSON_BODY,
+        requestBody={"required": False, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/RetryRequest"}}}})},
+    "/board": {"get": _op("The live job board (HTML; the page asks for an API key)",
+                          {"200": _raw("text/html", "The page")}, secured=False)},
+    "/static/{filename}": {"get": _op(
+        "The board's static files", {"200": {"description": "The file"}, **_errors(404)}, secured=False,
+        parameters=[{"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}])},
 }
 
 

@@ -16,8 +16,8 @@ from .errors import TooManyRequests, error_response
 
 log = logging.getLogger(__name__)
 
-# Endpoints that create work; later ones (e.g. a retry endpoint) join this set.
-LIMITED_ENDPOINTS = frozenset({"api.analyze"})
+# Endpoints that create work: new jobs and retries.
+LIMITED_ENDPOINTS = frozenset({"api.analyze", "jobs.retry"})
 
 
 def client_identity(auth: Authenticator, presented_key: Callable[[], str | None]) -> str:

@@ -25,6 +25,11 @@ _TOKEN = re.compile(TOKEN_PATTERN)
 _QUESTION = re.compile(QUESTION_PATTERN)
 _JOB_ID = re.compile(r"[a-f0-9]{32}")
 _FIELD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# http(s)://host[:port][/path]: an ASCII host name or IPv4 (no credentials), a valid port, printable ASCII after
+CALLBACK_URL_PATTERN = (r"https?://[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?"
+                        r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
+                        r"(?:[/?#][\x21-\x7e]{0,1700})?")
+_CALLBACK_URL = re.compile(CALLBACK_URL_PATTERN)
 FIELDS = ("repo", "branch", "question", "github_token", "callback_url")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 LIST_STATUSES = ("finished", "failed", "cancelled")
@@ -95,7 +100,7 @@ def analyze_request(body: Any) -> AnalyzeRequest:
         raise ValidationError("github_token must be a GitHub token (letters, digits and _ only)",
                               field="github_token")
     callback_url = _string(body, "callback_url")
-    if callback_url is not None and (len(callback_url) > 2048 or not callback_url.startswith(("http://", "https://"))):
+    if callback_url is not None and not _CALLBACK_URL.fullmatch(callback_url):
         raise ValidationError("callback_url must be an http(s) URL of at most 2048 characters", field="callback_url")
     return AnalyzeRequest(repo, branch, question, token or None, callback_url or None)
 
@@ -117,7 +122,7 @@ def page_query(args: Any) -> tuple[str | None, int, int]:
     numbers = {}
     for name, default, high in (("page", 1, 10_000), ("per_page", 20, 100)):
         raw = args.get(name, str(default))
-        if not raw.isdigit() or not 1 <= int(raw) <= high:
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= high:  # "²", 10**5000
             raise ValidationError(f"{name} must be a whole number from 1 to {high}", field=name)
         numbers[name] = int(raw)
     return status, numbers["page"], numbers["per_page"]

@@ -1,0 +1,64 @@
+"""The OpenAPI document: served as written, covers every route, and a property-based fuzz test (schemathesis)
+against a real API process finds no 5xx and no response that departs from the document."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Iterator
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+from potpie_service.api import create_app
+from potpie_service.api.openapi import document
+from potpie_service.auth import new_key
+from potpie_service.config import Settings
+from potpie_service.tokens import new_key as new_token_key
+from tests.stack import RedisServer, Service, service_env, start_api
+
+ALICE, ALICE_ENTRY = new_key("alice")
+schema = schemathesis.openapi.from_dict(document())
+
+
+@pytest.fixture(scope="module")
+def fuzz_api(redis_server: RedisServer, simulator) -> Iterator[Service]:
+    """An API with auth on and no worker: jobs are accepted and wait (nothing calls Potpie or a webhook)."""
+    env = service_env(redis_server.url, simulator.url, QUEUE_NAME=f"q-fuzz-{uuid.uuid4().hex[:6]}",
+                      AUTH_DISABLED="false", API_KEYS=ALICE_ENTRY, TOKEN_ENCRYPTION_KEY=new_token_key(),
+                      RATE_LIMIT="100000/minute", WEBHOOK_ALLOW_PRIVATE="true")  # no DNS look-ups of fuzzed hosts
+    api = start_api(env, "fuzz-api")
+    yield api
+    api.stop()
+
+
+def test_the_served_document_is_the_one_in_the_code(fuzz_api: Service) -> None:
+    response = requests.get(fuzz_api.url + "/openapi.json", timeout=5)  # type: ignore[attr-defined]
+    assert response.status_code == 200 and response.json() == document()
+    assert response.json()["openapi"].startswith("3.")
+    schemes = response.json()["components"]["securitySchemes"]
+    assert schemes["bearer"]["scheme"] == "bearer" and schemes["apiKey"]["name"] == "X-API-Key"
+
+
+def test_every_route_and_method_is_documented() -> None:
+    app = create_app(Settings(redis_url_raw="redis://127.0.0.1:1/0", auth_disabled=True))
+    served: dict[str, set[str]] = {}
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
+        served.setdefault(path, set()).update(m.lower() for m in rule.methods - {"HEAD", "OPTIONS"})
+    documented = {path: set(operations) for path, operations in document()["paths"].items()}
+    assert served == documented
+
+
+@schema.parametrize()
+@settings(max_examples=50, derandomize=True, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_its_openapi_document(case: schemathesis.Case, fuzz_api: Service) -> None:
+    health = case.operation.label == "GET /health"  # 503 there is the documented "unhealthy": this API has no worker
+    response = case.call_and_validate(base_url=fuzz_api.url, headers={"Authorization": f"Bearer {ALICE}"},  # type: ignore
+                                      timeout=10, excluded_checks=[not_a_server_error] if health else [])
+    if health and response.status_code == 503:
+        assert response.json()["status"] == "unhealthy"
