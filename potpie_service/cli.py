@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import threading
 from typing import Any, Callable, TextIO
@@ -102,13 +101,20 @@ class Display:
 
     def show(self, payload: dict[str, Any]) -> None:
         """Draw a status_update."""
-        width = shutil.get_terminal_size((100, 20)).columns - 1 if self.tty else 160
+        width = self._width() if self.tty else 160
         line = render_progress(str(payload.get("status")), payload.get("progress") or 0,
                                str(payload.get("message") or ""), width)
         if line != self.last:
             self.stream.write(f"\r{line:<{width}}" if self.tty else line + "\n")
             self.stream.flush()
             self.last = line
+
+    def _width(self) -> int:
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError):
+            columns = 0
+        return columns - 1 if columns >= 20 else 100
 
     def close(self) -> None:
         """End the rewritten line."""
@@ -140,7 +146,7 @@ def submit(args: argparse.Namespace, headers: dict[str, str]) -> str:
 def follow(args: argparse.Namespace, job_id: str, tracker: Tracker, on_update: Callable[[dict], None]) -> None:
     """Connect, join the job's room (again after every reconnect) and wait for the final event."""
     # No Origin header: this is not a browser, so the server's CORS_ORIGINS list must not apply to it.
-    client = socketio.Client(reconnection=True, reconnection_delay=0.5, reconnection_delay_max=3,
+    client = socketio.Client(reconnection=True, reconnection_delay=0.5, reconnection_delay_max=2,
                              websocket_extra_options={"suppress_origin": True})
     refused: list[str] = []
 

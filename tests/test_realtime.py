@@ -1,0 +1,366 @@
+"""Real-time updates: real python-socketio clients over the network, real API and worker processes, real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+import pytest
+import requests
+import socketio
+
+from potpie_service.auth import hash_key
+from potpie_service.events import replay
+from tests.conftest import Stack, make_stack
+from tests.stack import Service, start_api, wait_for
+
+EVENTS = ("status_update", "analysis_complete", "analysis_error")
+ORDER = ["queued", "parsing", "ready", "processing_conversations", "finished"]
+
+
+def unique(owner: str) -> str:
+    """A repo name no other test uses (the simulator remembers repos for the whole session)."""
+    return f"{owner}/rt-{uuid.uuid4().hex[:8]}"
+
+
+class Watcher:
+    """A python-socketio client that records every event and re-joins its jobs on every (re)connect."""
+
+    def __init__(self, url: str, token: str | None = None, origin: str | None = None) -> None:
+        options = {"websocket_extra_options": {"origin": origin}} if origin else {}
+        self.client = socketio.Client(reconnection=True, reconnection_delay=0.2, reconnection_delay_max=0.5,
+                                      **options)
+        self.url, self.token = url, token
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.acks: list[Any] = []
+        self.connects = 0
+        self.jobs: list[str] = []
+        self.lock = threading.Lock()
+        self.client.on("connect", self._on_connect)
+        for name in EVENTS:
+            self.client.on(name, lambda payload, name=name: self._record(name, payload))
+
+    def _on_connect(self) -> None:
+        self.connects += 1
+        for job_id in self.jobs:  # the client's part of "reconnects miss nothing": join again
+            self.client.emit("join_project", job_id, callback=self.acks.append)
+
+    def _record(self, name: str, payload: dict[str, Any]) -> None:
+        with self.lock:
+            self.events.append((name, payload))
+
+    def connect(self) -> "Watcher":
+        self.client.connect(self.url, transports=["websocket"], auth={"token": self.token} if self.token else None,
+                            wait_timeout=5)
+        return self
+
+    def join(self, job_id: Any) -> Any:
+        ack = self.client.call("join_project", job_id, timeout=5)
+        if isinstance(ack, dict) and ack.get("ok"):
+            self.jobs.append(job_id)
+        return ack
+
+    def of(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+        with self.lock:
+            return [(name, payload) for name, payload in self.events if payload.get("project_id") == job_id]
+
+    def deduped(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """What a documented client keeps: events whose seq is above the last one seen."""
+        kept, last = [], -1
+        for name, payload in self.of(job_id):
+            if payload["seq"] > last:
+                kept.append((name, payload))
+                last = payload["seq"]
+        return kept
+
+    def wait_final(self, job_id: str, timeout: float = 30.0) -> tuple[str, dict[str, Any]]:
+        def final() -> tuple[str, dict[str, Any]] | None:
+            found = [e for e in self.of(job_id) if e[0] != "status_update"]
+            return found[-1] if found else None
+
+        return wait_for(final, timeout, what=f"the final event of {job_id}")  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.client.disconnect()
+
+
+@pytest.fixture
+def watchers() -> Iterator[list[Watcher]]:
+    made: list[Watcher] = []
+    yield made
+    for watcher in made:
+        watcher.close()
+
+
+def watch(made: list[Watcher], url: str, **kwargs: Any) -> Watcher:
+    watcher = Watcher(url, **kwargs).connect()
+    made.append(watcher)
+    return watcher
+
+
+def assert_contiguous(events: list[tuple[str, dict[str, Any]]]) -> None:
+    seqs = [payload["seq"] for _, payload in events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"a seq is missing or repeated: {seqs}"
+
+
+def test_full_sequence_in_order_with_seq_and_progress(stack: Stack, watchers: list[Watcher]) -> None:
+    watcher = watch(watchers, stack.url)
+    job_id = stack.submit(unique("octocat"), question="How is it built?")["job_id"]
+    ack = watcher.join(job_id)
+    assert ack["ok"] is True and ack["project_id"] == job_id and isinstance(ack["seq"], int)
+    watcher.wait_final(job_id)
+    time.sleep(0.3)  # anything after the final event would be a duplicate
+    events = watcher.deduped(job_id)
+    assert_contiguous(events)
+    progress = [payload["progress"] for name, payload in events if name == "status_update"]
+    assert progress == sorted(progress) and progress[-1] == 100
+    statuses = [payload["status"] for name, payload in events if name == "status_update"]
+    assert [ORDER.index(s) for s in statuses] == sorted(ORDER.index(s) for s in statuses), statuses
+    assert {"parsing", "ready", "processing_conversations", "finished"} <= set(statuses)
+    (last_update, update), (last_name, complete) = events[-2:]
+    assert (last_update, update["status"], last_name) == ("status_update", "finished", "analysis_complete")
+    assert complete["seq"] == update["seq"] + 1
+    assert [name for name, _ in watcher.of(job_id)].count("analysis_complete") == 1, "no duplicate final event"
+    for _, payload in events:
+        assert payload["job_id"] == job_id and payload["timestamp"].endswith("Z") and payload["message"]
+    assert complete["data"] == stack.status(job_id)["result"]
+    assert complete["data"]["question"] == "How is it built?"
+
+
+@pytest.mark.parametrize("owner, final_name", [("octocat", "analysis_complete"), ("parse-error", "analysis_error")])
+def test_late_join_gets_the_final_state_once(stack: Stack, watchers: list[Watcher], owner: str,
+                                             final_name: str) -> None:
+    job_id = stack.submit(unique(owner))["job_id"]
+    body = stack.wait_final(job_id)
+    watcher = watch(watchers, stack.url)
+    ack = watcher.join(job_id)
+    assert ack["ok"] is True and ack["status"] == body["status"]
+    time.sleep(0.3)
+    events = watcher.of(job_id)
+    assert [name for name, _ in events] == ["status_update", final_name]
+    assert events[0][1]["status"] == body["status"] and events[0][1]["progress"] == body["progress"]
+    assert events[1][1]["seq"] == events[0][1]["seq"] + 1 == ack["seq"]
+    if final_name == "analysis_complete":
+        assert events[1][1]["data"] == body["result"]
+    else:
+        assert events[1][1]["message"] == body["details"]["failed_reason"] and events[1][1]["attempts"] == 1
+
+
+@pytest.fixture(scope="module")
+def narrow_stack(redis_server, simulator) -> Iterator[Stack]:
+    """Two jobs at a time, one Potpie try per call (every transient failure is a job-level retry)."""
+    running = make_stack(redis_server, simulator, "rt-narrow", MAX_CONCURRENT_JOBS="2", POTPIE_CALL_ATTEMPTS="1",
+                         MAX_RETRIES="5", RETRY_BASE_DELAY="0.1")
+    yield running
+    running.stop()
+
+
+def test_join_before_the_job_starts_gets_queued_then_everything(narrow_stack: Stack,
+                                                                watchers: list[Watcher]) -> None:
+    blockers = [narrow_stack.submit(unique("octocat"))["job_id"] for _ in range(2)]
+    accepted = narrow_stack.submit(unique("octocat"))
+    job_id = accepted["job_id"]
+    assert accepted["queue_position"] == 1
+    watcher = watch(watchers, narrow_stack.url)
+    ack = watcher.join(job_id)
+    assert (ack["ok"], ack["status"]) == (True, "queued")
+    watcher.wait_final(job_id, timeout=40)
+    events = watcher.of(job_id)
+    first = events[0][1]
+    assert (events[0][0], first["status"], first["queue_position"], first["seq"]) == ("status_update", "queued", 1,
+                                                                                      ack["seq"])
+    seqs = [p["seq"] for _, p in events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "joined early: every event, in order, once"
+    statuses = [p["status"] for _, p in events]
+    started = statuses.index("parsing")
+    assert set(statuses[:started]) == {"queued"} and all(p["queue_position"] == 1 for _, p in events[:started])
+    assert "queued" not in statuses[started:] and events[-1][0] == "analysis_complete"
+    assert all(narrow_stack.status(b)["status"] == "finished" for b in blockers)
+
+
+def test_retries_emit_retrying_and_one_final_event(narrow_stack: Stack, watchers: list[Watcher]) -> None:
+    watcher = watch(watchers, narrow_stack.url)
+    flaky = narrow_stack.submit(unique("flaky"))["job_id"]
+    broken = narrow_stack.submit(unique("server-error"))["job_id"]
+    assert watcher.join(flaky)["ok"] and watcher.join(broken)["ok"]
+    for job_id, final_name in ((flaky, "analysis_complete"), (broken, "analysis_error")):
+        watcher.wait_final(job_id, timeout=40)
+    time.sleep(0.3)
+    for job_id, final_name, attempts in ((flaky, "analysis_complete", 5), (broken, "analysis_error", 6)):
+        names = [name for name, _ in watcher.of(job_id)]
+        assert names.count("analysis_complete") + names.count("analysis_error") == 1, names
+        assert names[-1] == final_name
+        events = watcher.deduped(job_id)  # the join may replay the retrying state the client just got live
+        retrying = [p for name, p in events if name == "status_update" and p["status"] == "retrying"]
+        assert [p["attempt"] for p in retrying] == list(range(1, attempts)), retrying
+        for payload in retrying:
+            assert payload["max_attempts"] == 6 and payload["retry_in"] > 0 and payload["error"]
+            assert f"Attempt {payload['attempt']} of 6 failed" in payload["message"]
+        assert_contiguous(events)
+    error = watcher.of(broken)[-1][1]
+    assert error["attempts"] == 6 and "gave up after 6 attempts" in error["message"]
+
+
+def test_parse_error_gives_one_analysis_error(stack: Stack, watchers: list[Watcher]) -> None:
+    watcher = watch(watchers, stack.url)
+    job_id = stack.submit(unique("parse-error"))["job_id"]
+    watcher.join(job_id)
+    name, payload = watcher.wait_final(job_id)
+    time.sleep(0.3)
+    names = [n for n, _ in watcher.of(job_id)]
+    assert name == "analysis_error" and names.count("analysis_error") == 1 and "analysis_complete" not in names
+    assert payload["status"] == "failed" and payload["error"] and payload["attempts"] == 1
+    assert "could not parse the repository" in payload["message"]
+    closing = watcher.deduped(job_id)[-2][1]
+    assert closing["status"] == "failed" and closing["seq"] == payload["seq"] - 1
+
+
+@pytest.fixture
+def extra_apis() -> Iterator[list[Service]]:
+    started: list[Service] = []
+    yield started
+    for api in started:
+        api.stop()
+
+
+def test_client_on_another_api_process_receives_every_event(stack: Stack, extra_apis: list[Service],
+                                                            watchers: list[Watcher]) -> None:
+    api_b = start_api(stack.env, "rt-api-b")
+    extra_apis.append(api_b)
+    on_b, on_a = watch(watchers, api_b.url), watch(watchers, stack.url)  # type: ignore[attr-defined]
+    job_id = stack.submit(unique("octocat"))["job_id"]  # submitted through API A
+    assert on_b.join(job_id)["ok"] and on_a.join(job_id)["ok"]
+    for watcher in (on_b, on_a):
+        watcher.wait_final(job_id)
+    time.sleep(0.3)
+    events_b = on_b.deduped(job_id)
+    assert_contiguous(events_b)
+    assert [name for name, _ in events_b][-2:] == ["status_update", "analysis_complete"]
+    assert len(events_b) >= 6, "more than the replay: the live events crossed processes"
+    seen_a = [(n, p["seq"], p["status"]) for n, p in on_a.deduped(job_id)]
+    seen_b = [(n, p["seq"], p["status"]) for n, p in events_b]
+    start = max(seen_a[0][1], seen_b[0][1])
+    assert [e for e in seen_b if e[1] >= start] == [e for e in seen_a if e[1] >= start], "both APIs saw the same"
+    assert events_b[-1][1]["data"] == stack.status(job_id)["result"]
+
+
+def test_reconnect_after_the_api_is_killed_and_restarted(stack: Stack, extra_apis: list[Service],
+                                                         watchers: list[Watcher]) -> None:
+    api = start_api(stack.env, "rt-api-restart")
+    extra_apis.append(api)
+    port = int(api.url.rsplit(":", 1)[1])  # type: ignore[attr-defined]
+    watcher = watch(watchers, api.url)  # type: ignore[attr-defined]
+    job_id = stack.submit(unique("slow-parse"))["job_id"]
+    assert watcher.join(job_id)["ok"]
+    wait_for(lambda: any(p["status"] == "parsing" for _, p in watcher.of(job_id)), 10, what="parsing")
+    api.kill()  # SIGKILL: no goodbye to the client
+    wait_for(lambda: not watcher.client.connected, 5, what="the client to notice the drop")
+    assert stack.wait_final(job_id)["status"] == "finished"  # the job ends while the API is down
+    assert not any(name == "analysis_complete" for name, _ in watcher.of(job_id))
+    extra_apis.append(start_api(stack.env, "rt-api-restarted", port=port))
+    name, payload = watcher.wait_final(job_id, timeout=20)
+    assert watcher.connects == 2 and watcher.acks and watcher.acks[-1]["ok"] is True
+    assert name == "analysis_complete" and payload["data"] == stack.status(job_id)["result"]
+    time.sleep(0.3)
+    events = watcher.deduped(job_id)
+    assert [n for n, _ in events].count("analysis_complete") == 1
+    assert events[-1][1]["seq"] == events[-2][1]["seq"] + 1
+
+
+def test_bad_join_payloads_get_an_error_ack_and_leave_stops_events(stack: Stack, watchers: list[Watcher]) -> None:
+    watcher = watch(watchers, stack.url)
+    for payload in (None, 123, {}, "x" * 5000, ["a"], {"project_id": 7}, "0" * 32):
+        ack = watcher.join(payload)
+        assert ack["ok"] is False and ack["error"], (payload, ack)
+    assert watcher.join("0" * 32)["error"] == "Job not found"
+    assert watcher.client.connected
+    stays = watch(watchers, stack.url)
+    job_id = stack.submit(unique("octocat"))["job_id"]
+    assert watcher.join({"project_id": job_id})["ok"] and stays.join(job_id)["ok"]
+    wait_for(lambda: any(p["status"] == "parsing" for _, p in watcher.of(job_id)), 10, what="parsing")
+    assert watcher.client.call("leave_project", job_id, timeout=5) == {"ok": True, "project_id": job_id}
+    left_at = len(watcher.of(job_id))
+    stays.wait_final(job_id)
+    time.sleep(0.3)
+    assert len(watcher.of(job_id)) == left_at, "events arrived after leave_project"
+    assert len(stays.of(job_id)) > left_at
+    assert watcher.client.call("leave_project", "nope", timeout=5)["ok"] is False
+
+
+def _sockets(url: str) -> int:
+    return requests.get(url + "/health", timeout=5).json()["websocket_connections"]
+
+
+def test_health_counts_websocket_connections(stack: Stack, watchers: list[Watcher]) -> None:
+    before = _sockets(stack.url)
+    opened = [watch(watchers, stack.url) for _ in range(3)]
+    wait_for(lambda: _sockets(stack.url) == before + 3, 5, what="3 more connections")
+    opened[0].close()
+    opened[1].close()
+    wait_for(lambda: _sockets(stack.url) == before + 1, 5, what="2 fewer connections")
+    opened[2].close()
+    wait_for(lambda: _sockets(stack.url) == before, 5, what="back to the start")
+
+
+ALICE, BOB = "psk_alice_" + "a" * 20, "psk_bob_" + "b" * 20
+
+
+@pytest.fixture(scope="module")
+def auth_api(stack: Stack) -> Iterator[Service]:
+    """An API with two client keys and one allowed cross origin, on the default stack's queue and worker."""
+    api = start_api({**stack.env, "AUTH_DISABLED": "false", "CORS_ORIGINS": "https://app.example",
+                     "API_KEYS": f"alice:{hash_key(ALICE)},bob:{hash_key(BOB)}"}, "rt-api-auth")
+    yield api
+    api.stop()
+
+
+def test_sockets_need_a_key_and_see_only_their_owners_jobs(auth_api: Service, watchers: list[Watcher]) -> None:
+    url = auth_api.url  # type: ignore[attr-defined]
+    app = "https://app.example"
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        watch(watchers, url, origin=app)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        watch(watchers, url, token="psk_wrong", origin=app)
+    response = requests.post(url + "/analyze", json={"repo": unique("octocat")}, timeout=5,
+                             headers={"Authorization": f"Bearer {ALICE}"})
+    job_id = response.json()["job_id"]
+    assert watch(watchers, url, token=BOB, origin=app).join(job_id) == {"ok": False, "error": "Job not found",
+                                                                        "project_id": job_id}
+    alice = watch(watchers, url, token=ALICE, origin=app)
+    assert alice.join(job_id)["ok"] is True
+    assert alice.wait_final(job_id)[0] == "analysis_complete"
+
+
+def test_cors_same_origin_only_by_default(stack: Stack, watchers: list[Watcher]) -> None:
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        watch(watchers, stack.url, origin="https://evil.example")
+    assert watch(watchers, stack.url, origin=stack.url).client.connected
+    response = requests.get(stack.url + "/livez", headers={"Origin": "https://evil.example"}, timeout=5)
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_cors_origins_allows_the_listed_origin(auth_api: Service, watchers: list[Watcher]) -> None:
+    url = auth_api.url  # type: ignore[attr-defined]
+    assert watch(watchers, url, token=ALICE, origin="https://app.example").client.connected
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        watch(watchers, url, token=ALICE, origin="https://evil.example")
+    assert watch(watchers, url, token=ALICE, origin=url).client.connected, "the same origin stays allowed"
+    preflight = requests.options(url + "/analyze", timeout=5, headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    answer = requests.get(url + "/livez", headers={"Origin": "https://app.example"}, timeout=5)
+    assert answer.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    other = requests.get(url + "/livez", headers={"Origin": "https://evil.example"}, timeout=5)
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_replay_of_a_retrying_job_carries_the_retry_details() -> None:
+    job = {"id": "a" * 32, "status": "retrying", "progress": "30", "event_seq": "7", "attempts": "3",
+           "max_attempts": "6", "last_error": "Potpie server error (500)", "next_due": str(time.time() + 2)}
+    [(name, payload)] = replay(job, None)
+    assert (name, payload["seq"], payload["attempt"], payload["max_attempts"]) == ("status_update", 7, 2, 6)
+    assert payload["error"] == "Potpie server error (500)" and 1.5 < payload["retry_in"] <= 2
