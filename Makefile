@@ -27,6 +27,7 @@ dev: install ## the whole stack in the foreground: Redis, simulator (without POT
 	$(PY) scripts/dev.py
 
 bench: install ## benchmarks; writes docs/performance.md
+	@scripts/ensure-wrk.sh
 	$(PY) -m bench.run
 
 lint: install

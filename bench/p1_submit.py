@@ -1,0 +1,163 @@
+"""P1 submit: `POST /analyze` throughput at 50 keep-alive clients (wrk) against a bare send_task loop, and p99 at 8.
+
+No worker runs in either case: both only enqueue. MAX_CONCURRENT_JOBS is high so every submit enqueues its
+first step, exactly what the baseline loop does (same task name, same arguments, same Celery config, same Redis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+from potpie_service.auth import hash_key
+from potpie_service.config import Settings
+from potpie_service.queue import RUN_STEP, dispatcher, make_celery
+
+from .common import RedisServer, Report, Row, bench_env, cli, start_api, tree_cpu_s
+
+API_KEY = "psk_bench_submit_key"
+
+
+def baseline_rate(redis_url: str, queue: str, seconds: float, bare: bool = True) -> float:
+    """Jobs/s of a loop of `send_task(RUN_STEP, [job_id, 0])` with no consumer: a default Celery app (bare) or the
+    service's own `make_celery` + `dispatcher` (bare=False)."""
+    settings = Settings.from_env({"REDIS_URL": redis_url, "QUEUE_NAME": queue})
+    if bare:
+        app = Celery("bare", broker=redis_url)
+
+        def dispatch(job_id: str, seq: int, _countdown: float) -> None:
+            app.send_task(RUN_STEP, args=[job_id, seq], queue=queue)
+    else:
+        app = make_celery(settings)
+        dispatch = dispatcher(app, settings)
+    dispatch(uuid.uuid4().hex, 0, 0)  # connect and warm the producer pool outside the timed loop
+    count, started = 0, time.perf_counter()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(50):
+            dispatch(uuid.uuid4().hex, 0, 0)
+        count += 50
+    rate = count / (time.perf_counter() - started)
+    return rate
+
+
+def _wrk_script() -> str:
+    """A wrk script posting a different repository each time (identical requests would be deduplicated)."""
+    script = Path(tempfile.mkdtemp(prefix="psvc-wrk-")) / "post.lua"
+    script.write_text(f"""
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
+local counter = 0
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-API-Key"] = "{API_KEY}"
+function request()
+  counter = counter + 1
+  local body = '{{"repo": "octocat/r{uuid.uuid4().hex[:8]}-' .. tid .. '-' .. counter .. '", "question": "What does it do?"}}'
+  return wrk.format("POST", nil, nil, body)
+end
+""")
+    return str(script)
+
+
+def wrk(url: str, connections: int, seconds: float, api_pid: int) -> dict[str, float]:
+    """Run wrk against POST /analyze; return rate, latency percentiles (ms), errors and CPU use of both sides."""
+    threads = min(2, connections)
+    cpu_before, wrk_before, started = tree_cpu_s(api_pid), _children_cpu(), time.monotonic()
+    proc = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency",
+                           "-s", _wrk_script(), url + "/analyze"], capture_output=True, text=True, check=True)
+    wall = time.monotonic() - started
+    api_cpu = (tree_cpu_s(api_pid) - cpu_before) / wall
+    out = proc.stdout
+    percentiles = {}
+    for label, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        percentiles[label] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {"rate": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "p50": percentiles.get("50", 0.0), "p99": percentiles.get("99", 0.0),
+            "non2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else "",
+            "api_cpu": api_cpu, "wrk_cpu": (_children_cpu() - wrk_before) / wall}
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's waited-for children (wrk runs as one)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(args: argparse.Namespace) -> Report:
+    """Two interleaved rounds of baseline and ours at 50 clients; then latency at 8 clients."""
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed: `make bench` installs it (scripts/ensure-wrk.sh)")
+    report = Report("P1 submit")
+    server = RedisServer().start()
+    queue = f"bench-p1-{uuid.uuid4().hex[:6]}"
+    env = bench_env(server.url, "http://127.0.0.1:9", queue, MAX_CONCURRENT_JOBS="100000", AUTH_DISABLED="false",
+                    API_KEYS=f"bench:{hash_key(API_KEY)}", RATE_LIMIT="off", LOG_LEVEL=args.log_level)
+    api = start_api(env, "bench-p1-api")
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        wrk(api.url, 50, 2, api.proc.pid)  # warm-up: threads, connection pools, Lua scripts loaded
+        base_queue = queue + "-baseline"
+        bases, ours, services = [], [], []
+        for _ in range(args.rounds):
+            bases.append(baseline_rate(server.url, base_queue, args.seconds))
+            services.append(baseline_rate(server.url, base_queue, args.seconds / 2, bare=False))
+            queued_before = client.llen(queue)
+            result = wrk(api.url, 50, args.seconds, api.proc.pid)
+            result["enqueued"] = client.llen(queue) - queued_before
+            ours.append(result)
+        best = max(ours, key=lambda r: r["rate"])
+        lost = sum(r["requests"] - r["enqueued"] for r in ours if r["enqueued"] < r["requests"])
+        errors = sum(r["non2xx"] for r in ours)
+        latency = wrk(api.url, 8, args.seconds, api.proc.pid)
+        ceiling = wrk_ceiling(api.url)
+    finally:
+        api.stop()
+        server.cleanup()
+    base = max(bases)
+    report.rows.append(Row("P1 submit", "POST /analyze req/s, 50 keep-alive clients", round(base), round(best["rate"]),
+                           ">= 0.8x baseline", best["rate"] >= 0.8 * base and errors == 0 and lost == 0,
+                           "baseline: default Celery send_task loop"))
+    report.rows.append(Row("P1 submit", "latency p99 ms, 8 clients", None, round(latency["p99"], 2), "< 25 ms",
+                           latency["p99"] < 25 and latency["non2xx"] == 0, f"p50 {latency['p50']:.2f} ms"))
+    report.facts.update({
+        "rounds (baseline req/s)": ", ".join(f"{b:.0f}" for b in bases),
+        "rounds (the service's own dispatcher in a bare loop, jobs/s)": ", ".join(f"{b:.0f}" for b in services),
+        "rounds (ours req/s)": ", ".join(f"{r['rate']:.0f}" for r in ours),
+        "non-2xx responses / accepted but not enqueued": f"{errors} / {lost}",
+        "API CPU during the best round (cores)": f"{best['api_cpu']:.2f}",
+        "wrk CPU during the best round (cores)": f"{best['wrk_cpu']:.2f}",
+        "load generator ceiling (wrk, GET /livez on the same API, req/s)": f"{ceiling:.0f}",
+        "latency at 8 clients (req/s, p50, p99 ms)": f"{latency['rate']:.0f}, {latency['p50']:.2f}, "
+                                                     f"{latency['p99']:.2f}",
+    })
+    return report
+
+
+def wrk_ceiling(url: str) -> float:
+    """wrk's rate on the cheapest route of the same API: what the HTTP stack alone allows."""
+    proc = subprocess.run(["wrk", "-t2", "-c50", "-d3s", url + "/livez"], capture_output=True, text=True, check=True)
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", proc.stdout).group(1))
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each timed round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--log-level", default="info", help="the API's LOG_LEVEL (production default: info)")
+
+
+if __name__ == "__main__":
+    cli("p1_submit", run, _configure)

@@ -1,0 +1,49 @@
+"""The real worker (`workers`) with one probe added: how long each job spent inside Potpie calls.
+
+`celery -A bench.probe_worker worker`. The pipeline, tasks and settings are the deployed ones; the only change is
+the PotpieClient observer (a hook the runtime already has), summed per task run and written to Redis after the
+task (`bench:potpie:<job_id>`), so P3 can subtract Potpie's time from each job's total.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import redis
+from celery.signals import task_postrun, task_prerun
+
+from potpie_service import runtime as service_runtime
+from potpie_service.queue import RUN_STEP
+from workers import app, settings, tasks
+
+from .common import PROBE
+
+__all__ = ["app"]
+_spent = [0.0]
+_client: list[redis.Redis] = []
+
+
+def _observe(_endpoint: str, _outcome: str, seconds: float) -> None:
+    _spent[0] += seconds
+
+
+tasks.make_worker_runtime = functools.partial(service_runtime.make_worker_runtime, observer=_observe)
+
+
+@task_prerun.connect
+def _reset(task=None, **_: object) -> None:
+    _spent[0] = 0.0
+
+
+@task_postrun.connect
+def _record(task=None, args=None, **_: object) -> None:
+    if task is None or task.name != RUN_STEP or not args:
+        return
+    if not _client:
+        _client.append(redis.Redis.from_url(settings.redis_url))
+    pipe = _client[0].pipeline(transaction=False)
+    pipe.hincrbyfloat(PROBE + str(args[0]), "potpie", _spent[0])
+    pipe.hincrby(PROBE + str(args[0]), "runs", 1)
+    pipe.hset(PROBE + str(args[0]), "last_end", time.time())
+    pipe.execute()

@@ -1,0 +1,96 @@
+"""`python -m bench.run`: every benchmark, each in its own process, then docs/performance.md from their reports.
+
+`--only p1_submit,p3_overhead` runs a subset; `--out` writes elsewhere. A benchmark that crashes is listed as
+failed with its last output lines, and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .common import ROOT, Report, Row, environment, fmt, loadavg
+
+BENCHMARKS = ["p1_submit", "p2_events", "p3_overhead", "p4_waiting", "p5_fanout"]
+LIMIT_S = 240  # each benchmark is meant to take <= 2 minutes; this only stops one that hangs
+
+
+def run_one(name: str, workdir: Path) -> Report:
+    """Run `python -m bench.<name> --json` and load its report (or a failed stand-in)."""
+    out = workdir / f"{name}.json"
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", f"bench.{name}", "--json", str(out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=LIMIT_S)
+        print(proc.stdout.strip() or proc.stderr[-2000:], flush=True)
+        tail = proc.stderr.strip().splitlines()[-5:]
+    except subprocess.TimeoutExpired:
+        tail = [f"did not finish within {LIMIT_S} s"]
+    if out.exists():
+        raw = json.loads(out.read_text())
+        raw["rows"] = [Row(**row) for row in raw["rows"]]
+        return Report(**raw)
+    failed = Report(name, [Row(name, "crashed", None, 0.0, "runs", False, " | ".join(tail)[-300:])])
+    failed.seconds = round(time.monotonic() - started, 1)
+    return failed
+
+
+def markdown(reports: list[Report], env: dict[str, str], started: str) -> str:
+    """docs/performance.md: the table, the environment, then each benchmark's details."""
+    lines = ["# Performance", "",
+             "Written by `make bench` (`python -m bench.run`); do not edit by hand. Each benchmark runs its baseline "
+             "in the same process tree and the same minute as our figure, so the ratio holds even when the machine's "
+             "absolute speed drifts. `bench/` holds one module per benchmark, runnable alone "
+             "(`python -m bench.p1_submit`).", "",
+             f"Run started {started}.", "",
+             "| benchmark | metric | baseline | ours | ratio | target | pass |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for report in reports:
+        for row in report.rows:
+            verdict = {True: "yes", False: "**no**", None: "-"}[row.passed]
+            lines.append(f"| {row.benchmark} | {row.metric} | {fmt(row.baseline)} | {fmt(row.ours)} | "
+                         f"{fmt(row.ratio)} | {row.target} | {verdict} |")
+    lines += ["", "## Environment", ""]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
+    lines += ["", "## Details", ""]
+    for report in reports:
+        lines.append(f"### {report.name}")
+        lines.append("")
+        lines.append(f"- took {report.seconds} s; load average before {report.load_before}, after "
+                     f"{report.load_after}")
+        lines += [f"- {row.metric}: {row.note}" for row in report.rows if row.note]
+        lines += [f"- {key}: {value}" for key, value in report.facts.items()]
+        lines.append("")
+    notes = ROOT / "bench" / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Run the benchmarks and write the page; exit 1 only if a benchmark crashed (missed targets are reported)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.run")
+    parser.add_argument("--only", help="comma-separated benchmark names (default: all)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else BENCHMARKS
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + f", load average {loadavg()}"
+    env = environment()
+    with tempfile.TemporaryDirectory(prefix="psvc-bench-") as workdir:
+        reports = [run_one(name, Path(workdir)) for name in names]
+    Path(args.out).write_text(markdown(reports, env, started))
+    print(f"wrote {args.out}")
+    missed = [row for report in reports for row in report.rows if row.passed is False]
+    for row in missed:
+        print(f"target missed: {row.benchmark}: {row.metric} = {fmt(row.ours)} (target {row.target})")
+    return 1 if any(row.metric == "crashed" for row in missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
