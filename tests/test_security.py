@@ -424,6 +424,16 @@ def test_bad_join_project_payloads_get_an_error_ack_and_the_socket_survives(secu
         client.disconnect()
 
 
+@pytest.mark.parametrize("query, field", [
+    ("page=%C2%B2", "page"), ("page=" + "9" * 2000, "page"), ("per_page=0", "per_page"), ("per_page=101", "per_page"),
+    ("page=-1", "page"), ("status=running", "status"), ("status=%3Cscript%3E", "status"),
+], ids=["superscript-digit", "2000-digits", "zero", "over-100", "negative", "unknown-status", "html"])
+def test_bad_list_queries_are_400_naming_the_parameter(secured: Secured, query: str, field: str) -> None:
+    response = secured.call("GET", f"/jobs?{query}")
+    assert response.status_code == 400, response.text
+    assert response.json()["details"]["field"] == field and "<script>" not in response.text
+
+
 # --- security headers -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method, path, kwargs, status", [
@@ -483,6 +493,9 @@ def test_rate_limit_per_key_holds_across_two_api_processes(limited: tuple[RedisS
     for name, value in SECURITY_HEADERS.items():
         assert refused.headers[name] == value
     assert _post(api_a, BOB).status_code == 202, "another key has its own budget"
+    retries = [requests.post(f"{api.url}/jobs/{uuid.uuid4().hex}/retry", headers=bearer(BOB),  # type: ignore
+                             timeout=10).status_code for api in (api_a, api_b) * 3]
+    assert retries == [404] * 5 + [429], "retries create work too: limited the same way"
     keys = server.client().keys("psvc:q-rl-*:ratelimit*")
     assert keys, "the counters live in Redis"
 
