@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import signal
@@ -12,8 +13,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Iterator
 
+import celery.worker.consumer.consumer
+import flask_limiter._extension
 import pytest
 import requests
 
@@ -164,3 +168,24 @@ def test_gunicorn_own_lines_are_json_with_the_gunicorn_logger_class(redis_server
     gunicorn = [r["message"] for r in records if r["logger"] == "gunicorn.error"]
     assert any(m.startswith("Starting gunicorn") for m in gunicorn) and "Shutting down: Master" in gunicorn
     assert any(r["logger"] == "potpie_service.access" and r["route"] == "/livez" for r in records)
+
+
+def _string_constants(path: Path) -> list[str]:
+    """Every string literal of a module, adjacent literals joined and f-strings reduced to their fixed parts."""
+    return [node.value for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+def test_troubleshooting_messages_exist_in_the_code() -> None:
+    sources = [*ROOT.glob("potpie_service/**/*.py"), *ROOT.glob("workers/*.py")]
+    for module in (celery.worker.consumer.consumer, flask_limiter._extension):
+        sources.append(Path(module.__file__))  # messages Celery and flask-limiter print for us
+    corpus = [text for path in sources for text in _string_constants(path)]
+    doc = (ROOT / "docs" / "operations.md").read_text().split("## Troubleshooting", 1)[1]
+    rows = [line.split(" | ")[0] for line in doc.splitlines() if line.startswith("| ") and "---" not in line]
+    messages = [m for row in rows[1:] for m in re.findall(r"`([^`]+)`", row) if '"' not in m]
+    assert len(messages) >= 20, messages
+    for message in messages:
+        for fragment in (part.strip() for part in message.split("…")):
+            if len(fragment) >= 3:
+                assert any(fragment in text for text in corpus), f"not in the code: {fragment!r} ({message!r})"

@@ -138,20 +138,23 @@ def test_potpie_call_metrics_by_endpoint_and_status_after_a_flaky_job(apis: tupl
 
 def test_queue_depth_and_oldest_waiting_age_while_jobs_wait(apis: tuple[Stack, Service]) -> None:
     stack, second = apis
-    blocker = stack.submit(unique("slow-parse"))["job_id"]  # holds the only slot for ~3 s
-    wait_for(lambda: stack.status(blocker)["status"] == "parsing", 10, what="the slow job to start")
+    blocker = stack.submit(unique("stuck"))["job_id"]  # parses forever: holds the only slot until cancelled
+    wait_for(lambda: stack.status(blocker)["status"] == "parsing", 10, what="the stuck job to start")
     submitted_at = time.time()
-    waiting = [stack.submit(unique("octocat"))["job_id"] for _ in range(2)]
-    time.sleep(1.0)
+    waiting = [stack.submit(unique("octocat"))["job_id"]]
+    time.sleep(0.8)
+    waiting.append(stack.submit(unique("octocat"))["job_id"])
+    time.sleep(0.4)
     for url in (stack.url, second.url):
         samples = scrape(url)
         assert val(samples, "potpie_queue_depth") == 2
         age = val(samples, "potpie_queue_oldest_age_seconds")
-        assert abs(age - (time.time() - submitted_at)) < 0.5, age
+        assert abs(age - (time.time() - submitted_at)) < 0.4, age  # the first one, not the newest
         assert val(samples, "potpie_jobs_in_flight") == 1
         assert val(samples, "potpie_jobs_max_concurrent") == 1
         assert val(samples, "potpie_jobs_utilisation_ratio") == 1.0
-    for job_id in [blocker, *waiting]:
+    assert requests.delete(f"{stack.url}/jobs/{blocker}", timeout=5).status_code == 200
+    for job_id in waiting:
         assert stack.wait_final(job_id)["status"] == "finished"
     samples = scrape(second.url)
     assert val(samples, "potpie_queue_depth") == val(samples, "potpie_queue_oldest_age_seconds") == 0
