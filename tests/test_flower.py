@@ -32,8 +32,9 @@ def flower(redis_server: RedisServer, simulator) -> Iterator[tuple[Stack, str]]:
     try:
         wait_for(lambda: requests.get(url + "/healthcheck", timeout=1).ok or not process.alive(), 30, what="flower")
         assert process.alive(), process.log()[-3000:]
-        wait_for(lambda: stack.workers[0].hostname in requests.get(  # type: ignore[attr-defined]
-            url + "/api/workers?refresh=1", auth=(USER, PASSWORD), timeout=5).json(), 20, what="flower to see the worker")
+        hostname = stack.workers[0].hostname  # type: ignore[attr-defined]
+        wait_for(lambda: hostname in requests.get(url + "/api/workers?refresh=1", auth=(USER, PASSWORD),
+                                                  timeout=5).json(), 20, what="flower to see the worker")
         yield stack, url
     finally:
         process.stop()
