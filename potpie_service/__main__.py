@@ -73,7 +73,10 @@ def keygen(argv: list[str]) -> int:
     if args.token_key:
         print(new_token_key())
         return 0
-    key, entry = new_key(args.name)
+    try:
+        key, entry = new_key(args.name)
+    except ValueError as exc:
+        parser.error(f"--name: {exc}")
     print(f"key (give to the client, shown once): {key}")
     print(f"API_KEYS entry (store on the server): {entry}")
     return 0

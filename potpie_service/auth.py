@@ -8,6 +8,8 @@ import re
 import secrets
 
 ANONYMOUS = "anonymous"
+OWNER_NAME = r"[A-Za-z0-9._@-]{1,64}"
+_ENTRY = re.compile(rf"{OWNER_NAME}:[0-9a-fA-F]{{64}}")
 
 
 def hash_key(key: str) -> str:
@@ -16,17 +18,16 @@ def hash_key(key: str) -> str:
 
 
 def new_key(name: str) -> tuple[str, str]:
-    """A new client key and its API_KEYS entry `name:hash`."""
+    """A new client key and its API_KEYS entry `name:hash`; ValueError for a name API_KEYS cannot hold."""
+    if not re.fullmatch(OWNER_NAME, name):
+        raise ValueError("the name must be 1-64 letters, digits or . _ @ -")
     key = "psk_" + secrets.token_urlsafe(32)
     return key, f"{name}:{hash_key(key)}"
 
 
-_ENTRY = re.compile(r"^[A-Za-z0-9._@-]{1,64}:[0-9a-fA-F]{64}$")
-
-
 def bad_entries(entries: tuple[str, ...]) -> list[str]:
     """The owner names (or '?') of API_KEYS / OPS_API_KEYS entries that are not `name:sha256hex`."""
-    return [entry.rpartition(":")[0][:64] or "?" for entry in entries if not _ENTRY.match(entry)]
+    return [entry.rpartition(":")[0][:64] or "?" for entry in entries if not _ENTRY.fullmatch(entry)]
 
 
 def missing_keys_problem(api_keys: tuple[str, ...], disabled: bool) -> str | None:

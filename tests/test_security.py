@@ -211,6 +211,16 @@ def test_api_refuses_key_entries_that_are_not_hashes_without_echoing_them(tmp_pa
     assert raw not in done.stderr
 
 
+def test_keygen_prints_a_key_and_its_hash_entry_and_refuses_bad_names(tmp_path: Path) -> None:
+    done = _run_entry(["-m", "potpie_service", "keygen", "--name", "carol"], tmp_path)
+    key = re.search(r"key \(give to the client, shown once\): (psk_\S+)", done.stdout).group(1)  # type: ignore
+    entry = re.search(r"API_KEYS entry \(store on the server\): (\S+)", done.stdout).group(1)  # type: ignore
+    assert entry == f"carol:{hashlib.sha256(key.encode()).hexdigest()}" and len(key) > 40
+    assert Settings.from_env({"API_KEYS": entry}).api_keys == (entry,)
+    refused = _run_entry(["-m", "potpie_service", "keygen", "--name", "my team"], tmp_path)
+    assert refused.returncode == 2 and "--name" in refused.stderr
+
+
 def test_auth_disabled_is_explicit_and_loud(redis_server: RedisServer, simulator) -> None:
     name = "sec-noauth-api"
     (ARTIFACTS / f"{name}.log").unlink(missing_ok=True)
