@@ -131,6 +131,13 @@ return {seq, admit(prefix, tonumber(ARGV[5]), now)}
 # ARGV: prefix, max, now
 _ADMIT_ONLY = _ADMIT + "return admit(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))"
 
+# ARGV: prefix, id, token, ttl_ms — extend a lease only while its holder still owns it
+_RENEW = """
+local lock = ARGV[1] .. 'job:' .. ARGV[2] .. ':lock'
+if redis.call('GET', lock) ~= ARGV[3] then return 0 end
+return redis.call('PEXPIRE', lock, ARGV[4])
+"""
+
 
 class StoreUnavailable(Exception):
     """Redis cannot be reached."""
@@ -178,6 +185,7 @@ class JobStore:
         self._commit = client.register_script(_COMMIT)
         self._finish = client.register_script(_FINISH)
         self._admit = client.register_script(_ADMIT_ONLY)
+        self._renew = client.register_script(_RENEW)
 
     def key(self, job_id: str) -> str:
         """The Redis key of a job's record."""
@@ -255,6 +263,10 @@ class JobStore:
             pipe.exists(self.key(job_id) + ":lock")
         replies = pipe.execute()
         return [replies[i] + [replies[i + 1]] for i in range(0, len(replies), 2)]
+
+    def renew(self, job_id: str, token: str, ttl_s: float) -> bool:
+        """Extend the step lease `token` by `ttl_s`; False when the lease is no longer this token's."""
+        return bool(self._renew(args=[self.prefix, job_id, token, int(ttl_s * 1000)]))
 
     def drop_active(self, job_id: str) -> None:
         """Free the slot of a job whose record is gone."""

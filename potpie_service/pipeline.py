@@ -3,17 +3,22 @@
 One call of `Pipeline.run(job_id, seq)` runs steps back to back until the job must wait (a parse poll, a retry
 backoff) or ends. Every step's outcome is committed before the next begins, so a crash resumes after the last
 finished step. `seq` makes duplicate deliveries harmless: only the delivery for the job's current seq may run.
+The step's lease is short and renewed while the step runs, so a killed or frozen holder loses it within one TTL.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import redis
 
 from . import analysis
 from .analysis import Step
@@ -56,6 +61,47 @@ class JobFailed(Exception):
     """A step found that the job cannot succeed; the message is the failed_reason."""
 
 
+def lease_ttl(settings: Settings) -> float:
+    """Seconds a step lease outlives its last renewal: four heartbeat intervals, at least 5 s."""
+    return max(5.0, 4 * settings.worker_heartbeat_interval)
+
+
+class LeaseKeeper:
+    """Renews the step leases this process holds, from a thread, until the step lets go of them."""
+
+    def __init__(self, store: JobStore, ttl: float) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._held: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._thread: tuple[int, threading.Thread] | None = None
+
+    def hold(self, job_id: str, token: str) -> None:
+        """Keep renewing the lease `token` on the job until `release`."""
+        with self._lock:
+            self._held[job_id] = token
+            if self._thread is None or self._thread[0] != os.getpid() or not self._thread[1].is_alive():
+                thread = threading.Thread(target=self._renew, name="psvc-lease", daemon=True)
+                self._thread = (os.getpid(), thread)  # a forked child starts its own thread
+                thread.start()
+
+    def release(self, job_id: str) -> None:
+        """Stop renewing the job's lease (the step committed it, freed it or lost it)."""
+        with self._lock:
+            self._held.pop(job_id, None)
+
+    def _renew(self) -> None:
+        while True:
+            time.sleep(self.ttl / 4)
+            with self._lock:
+                held = list(self._held.items())
+            for job_id, token in held:
+                try:
+                    self.store.renew(job_id, token, self.ttl)
+                except redis.RedisError as exc:  # Redis is away; the lease may lapse and the step be redone
+                    log.warning("could not renew the step lease: %s", type(exc).__name__, extra={"job_id": job_id})
+
+
 class Pipeline:
     """Drives jobs through Potpie; shared by every task execution of a worker process."""
 
@@ -68,7 +114,8 @@ class Pipeline:
         self.emit = emit
         self.dispatch = dispatch
         self.reveal_token = reveal_token
-        self.lease_s = settings.step_lease
+        self.lease_s = lease_ttl(settings)
+        self.leases = LeaseKeeper(store, self.lease_s)
 
     def run(self, job_id: str, seq: int) -> str:
         """Run the job's steps from `seq`; return what happened to this delivery (for logs and tests)."""
@@ -77,6 +124,13 @@ class Pipeline:
         if outcome != "ok":
             log.info("step skipped: %s", outcome, extra={"job_id": job_id, "seq": seq})
             return outcome
+        self.leases.hold(job_id, token)
+        try:
+            return self._run_claimed(job, token, seq)
+        finally:
+            self.leases.release(job_id)
+
+    def _run_claimed(self, job: dict[str, str], token: str, seq: int) -> str:
         started = time.monotonic()
         while True:
             change = self._attempt(job)
@@ -84,12 +138,12 @@ class Pipeline:
                 self._end(job, token, change)
                 return "ended"
             seq += 1
-            # Chain steps in this run while none must wait, for at most one lease (the task's time limit).
-            keep = change.wait <= 0 and time.monotonic() - started < self.lease_s
+            # Chain steps while none must wait, for at most one step budget (the task's time limit allows two).
+            keep = change.wait <= 0 and time.monotonic() - started < self.settings.step_lease
             if not self._advance(job, token, seq, change, keep):
                 return "lease_lost"
             if not keep:
-                self.dispatch(job_id, seq, change.wait)
+                self.dispatch(job["id"], seq, change.wait)
                 return "scheduled"
 
     def _attempt(self, job: dict[str, str]) -> Advance | End:
