@@ -8,6 +8,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import redis
 from celery import Celery
 from celery.utils.saferepr import saferepr
 from kombu.transport import redis as kombu_redis
@@ -46,6 +47,11 @@ class _Channel(kombu_redis.Channel):
         if client:
             yield client
             return
+        if self._pool is None and self.connection.client is None:
+            # After a broker loss Celery collects the connection, then closes this channel, which tries to put its
+            # unacked messages back; building a pool now would crash the worker (AttributeError in kombu 5.7).
+            # A connection error is ignored by that close; the messages stay in Redis' unacked hash until restored.
+            raise redis.exceptions.ConnectionError("the broker connection is closed")
         pool, shared = self.pool, self._shared
         if shared is None or shared[0] is not pool:
             shared = self._shared = (pool, self._create_client())
@@ -74,8 +80,10 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=settings.task_time_limit,  # hard cap for one task run; below the visibility timeout
         task_soft_time_limit=settings.task_time_limit - 15,
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        worker_soft_shutdown_timeout=30.0,  # on SIGTERM, give running steps 30 s, then hand them back
-        worker_enable_soft_shutdown_on_idle=True,
+        # SIGTERM is a warm shutdown (running steps finish); workers/supervisor.py turns it cold after its grace.
+        # A cold one (SIGQUIT) gives steps 2 s more, then cancels them: their messages go back to the queue.
+        worker_soft_shutdown_timeout=2.0,
+        worker_enable_soft_shutdown_on_idle=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=20,   # a broker that stays down makes the worker exit for a restart
         broker_heartbeat=0,

@@ -1,4 +1,9 @@
-"""A thread in each worker's main process: liveness heartbeats through the broker, and the sweeper."""
+"""A thread in each worker's main process: liveness heartbeats through the broker, the sweeper, bounded shutdown.
+
+Liveness: the worker sends a heartbeat task to its own queue and counts as alive while it consumes it. While
+every pool process runs a step, the heartbeat cannot be consumed (prefetch is 1 per process); a busy worker is not
+a wedged one, since each step is bounded by the task time limit, so the supervisor vouches for it meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,12 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 from celery.signals import worker_ready, worker_shutting_down
 from celery.utils import worker_direct
+from celery.worker import state as worker_state
 
-from potpie_service.events import Emitter
-from potpie_service.positions import announce
 from potpie_service.queue import HEARTBEAT, dispatcher
 from potpie_service.recovery import sweep
 from potpie_service.runtime import make_store
@@ -21,41 +26,82 @@ from . import app, settings
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
+_shutdown_started = threading.Event()
 
 
 def stall_limit() -> float:
-    """How long without consuming its own heartbeat before a worker calls itself wedged."""
-    return max(30.0, 6 * settings.worker_heartbeat_interval)
+    """How long without consuming its own heartbeat (while not busy) before a worker calls itself wedged."""
+    return max(10.0, 6 * settings.worker_heartbeat_interval)
 
 
-def _loop(hostname: str) -> None:
-    store = make_store(settings)
-    dispatch = dispatcher(app, settings)
-    emitter = Emitter(settings)
-    interval = settings.worker_heartbeat_interval
-    started = time.time()
-    while not _stop.wait(interval):
+def shutdown_grace() -> float:
+    """How long a warm shutdown lets running steps finish before it cancels them and hands them back."""
+    return min(30.0, settings.request_timeout + 5)
+
+
+class Supervisor:
+    """Heartbeats, sweeps and watches the worker's own consumption, once per WORKER_HEARTBEAT_INTERVAL."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.hostname: str = consumer.hostname
+        self.queue = worker_direct(self.hostname).name
+        self.store = make_store(settings)
+        self.dispatch = dispatcher(app, settings)
+        self.proof = time.time()  # the stall clock: last heartbeat consumed, busy spell, or broker outage
+
+    def busy(self) -> bool:
+        """Whether every pool process is running a task (so the heartbeat must wait its turn)."""
+        processes = getattr(self.consumer.pool, "num_processes", 0) or 1
+        return len(worker_state.active_requests) >= processes
+
+    def tick(self) -> bool:
+        """One round; True when the worker is wedged and must exit."""
+        now = time.time()
         try:
-            app.send_task(HEARTBEAT, args=[hostname], queue=worker_direct(hostname).name)
-            if store.try_lock("sweeper", interval * 0.9):
-                sweep(store, dispatch, settings.step_grace)
-                announce(store, emitter.emit, settings.max_concurrent_jobs)
-            seen = store.worker_last_seen(hostname) or started
-        except Exception:  # the broker may be down for a while; keep trying, the check below decides
-            log.exception("supervisor tick failed")
-            seen = None
-        if seen is not None and time.time() - max(seen, started) > stall_limit():
-            log.critical("worker stopped consuming (no heartbeat for %.0f s); exiting so it is restarted",
-                         time.time() - seen)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+            if self.busy():
+                self.store.worker_seen(self.hostname, now)
+            elif not self.store.redis.llen(self.queue):  # at most one heartbeat waits in the queue
+                app.send_task(HEARTBEAT, args=[self.hostname], queue=self.queue)
+            if self.store.try_lock("sweeper", settings.worker_heartbeat_interval * 0.9):
+                sweep(self.store, self.dispatch, settings.step_grace)
+            seen = self.store.worker_last_seen(self.hostname) or 0.0
+        except Exception as exc:  # the broker is away: the stall clock restarts once it is back
+            log.warning("supervisor tick failed (%s: %s); retrying", type(exc).__name__, exc)
+            self.proof = now
+            return False
+        self.proof = max(self.proof, seen)
+        return now - self.proof > stall_limit()
+
+    def run(self) -> None:
+        """Tick until the worker shuts down; ask it to exit if it stops consuming."""
+        while not _stop.wait(settings.worker_heartbeat_interval):
+            if self.tick():
+                log.critical("worker stopped consuming its heartbeat for %.0f s while idle; exiting so it is "
+                             "restarted", time.time() - self.proof)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
+def _escalate(grace: float) -> None:
+    """After the grace period, turn a warm shutdown that still waits on steps into a cold one."""
+    time.sleep(grace)
+    if worker_state.active_requests:
+        log.warning("steps still running %.0f s after the shutdown signal: cancelling them; they are handed "
+                    "back to the queue and resumed by another worker", grace)
+        os.kill(os.getpid(), signal.SIGQUIT)
 
 
 @worker_ready.connect
-def _start(sender, **_: object) -> None:
-    threading.Thread(target=_loop, args=(sender.hostname,), name="psvc-supervisor", daemon=True).start()
+def _start(sender: Any, **_: object) -> None:
+    threading.Thread(target=Supervisor(sender).run, name="psvc-supervisor", daemon=True).start()
 
 
 @worker_shutting_down.connect
-def _shutdown(**_: object) -> None:
+def _shutdown(how: str = "Warm", **_: object) -> None:
     _stop.set()
+    if how == "Warm" and not _shutdown_started.is_set():
+        _shutdown_started.set()
+        grace = shutdown_grace()
+        log.info("warm shutdown: no new steps; running ones get %.0f s to finish", grace)
+        threading.Thread(target=_escalate, args=(grace,), name="psvc-shutdown", daemon=True).start()
