@@ -58,7 +58,8 @@ def test_every_route_and_method_is_documented() -> None:
           suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_openapi_document(case: schemathesis.Case, fuzz_api: Service) -> None:
     health = case.operation.label == "GET /health"  # 503 there is the documented "unhealthy": this API has no worker
-    response = case.call_and_validate(base_url=fuzz_api.url, headers={"Authorization": f"Bearer {ALICE}"},  # type: ignore
-                                      timeout=10, excluded_checks=[not_a_server_error] if health else [])
+    response = case.call_and_validate(base_url=fuzz_api.url, timeout=10,  # type: ignore[attr-defined]
+                                      headers={"Authorization": f"Bearer {ALICE}"},
+                                      excluded_checks=[not_a_server_error] if health else [])
     if health and response.status_code == 503:
         assert response.json()["status"] == "unhealthy"

@@ -11,8 +11,8 @@ from typing import Any
 
 from .. import SERVICE_NAME, __version__
 from ..model import JobStatus
-from .validation import (BRANCH_PATTERN, CALLBACK_URL_PATTERN, LIST_STATUSES, MAX_BODY_BYTES, MAX_QUESTION, QUESTION_PATTERN, REPO_PATTERN,
-                         TOKEN_PATTERN)
+from .validation import (BRANCH_PATTERN, CALLBACK_URL_PATTERN, LIST_STATUSES, MAX_BODY_BYTES, MAX_QUESTION,
+                         QUESTION_PATTERN, REPO_PATTERN, TOKEN_PATTERN)
 
 Schema = dict[str, Any]
 

@@ -27,8 +27,8 @@ _JOB_ID = re.compile(r"[a-f0-9]{32}")
 _FIELD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # http(s)://host[:port][/path]: an ASCII host name or IPv4 (no credentials), a valid port, printable ASCII after
 CALLBACK_URL_PATTERN = (r"https?://[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?"
-                        r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
-                        r"(?:[/?#][\x21-\x7e]{0,1700})?")
+                        r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+                        r"|[1-9][0-9]{0,3}))?(?:[/?#][\x21-\x7e]{0,1700})?")
 _CALLBACK_URL = re.compile(CALLBACK_URL_PATTERN)
 FIELDS = ("repo", "branch", "question", "github_token", "callback_url")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
