@@ -101,17 +101,6 @@ def _rate_limit(raw: str) -> str:
     return value
 
 
-def _rate_limit(raw: str) -> str:
-    value = raw.strip()
-    if value.lower() in ("off", "none", ""):
-        return ""
-    try:
-        parse_many(value)
-    except ValueError:
-        raise ValueError("expected a limit like 60/minute (several: 10/second;100/hour), or off") from None
-    return value
-
-
 def _env(name: str, default: str, parse: Callable[[str], Any] = _str, secret: bool = False) -> Any:
     return field(default=parse(default), metadata={"env": name, "parse": parse, "secret": secret})
 
@@ -199,10 +188,6 @@ class Settings:
         if self.token_encryption_key and not valid_key(self.token_encryption_key):
             problems.append("TOKEN_ENCRYPTION_KEY=(hidden): not a Fernet key (make one with "
                             "`python -m potpie_service keygen --token-key`)")
-        for name, entries in (("API_KEYS", self.api_keys), ("OPS_API_KEYS", self.ops_api_keys)):
-            if bad_entries(entries):
-                problems.append(f"{name}=(hidden): entries for {', '.join(bad_entries(entries))} are not "
-                                "'name:sha256hex' (the hash from `python -m potpie_service keygen`, not the key)")
         for name, entries in (("API_KEYS", self.api_keys), ("OPS_API_KEYS", self.ops_api_keys)):
             if bad_entries(entries):
                 problems.append(f"{name}=(hidden): entries for {', '.join(bad_entries(entries))} are not "
