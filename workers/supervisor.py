@@ -18,6 +18,8 @@ from celery.signals import worker_ready, worker_shutting_down
 from celery.utils import worker_direct
 from celery.worker import state as worker_state
 
+from potpie_service.events import Emitter
+from potpie_service.positions import announce
 from potpie_service.queue import HEARTBEAT, dispatcher
 from potpie_service.recovery import sweep
 from potpie_service.runtime import make_store
@@ -48,6 +50,7 @@ class Supervisor:
         self.queue = worker_direct(self.hostname).name
         self.store = make_store(settings)
         self.dispatch = dispatcher(app, settings)
+        self.emitter = Emitter(settings)
         self.proof = time.time()  # the stall clock: last heartbeat consumed, busy spell, or broker outage
 
     def busy(self) -> bool:
@@ -65,6 +68,7 @@ class Supervisor:
                 app.send_task(HEARTBEAT, args=[self.hostname], queue=self.queue)
             if self.store.try_lock("sweeper", settings.worker_heartbeat_interval * 0.9):
                 sweep(self.store, self.dispatch, settings.step_grace)
+                announce(self.store, self.emitter.emit, settings.max_concurrent_jobs)
             seen = self.store.worker_last_seen(self.hostname) or 0.0
         except Exception as exc:  # the broker is away: the stall clock restarts once it is back
             log.warning("supervisor tick failed (%s: %s); retrying", type(exc).__name__, exc)
