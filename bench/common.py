@@ -105,8 +105,8 @@ def _stat(pid: int) -> list[str]:
         return handle.read().rsplit(")", 1)[1].split()
 
 
-def tree_pids(root: int) -> list[int]:
-    """`root` and every descendant process."""
+def tree_pids(root: int | list[int]) -> list[int]:
+    """`root` (one pid or several) and every descendant process."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -114,7 +114,7 @@ def tree_pids(root: int) -> list[int]:
                 children.setdefault(int(_stat(int(entry))[1]), []).append(int(entry))
             except (OSError, IndexError):
                 continue
-    found, todo = [], [root]
+    found, todo = [], list(root) if isinstance(root, list) else [root]
     while todo:
         pid = todo.pop()
         found.append(pid)
@@ -122,7 +122,7 @@ def tree_pids(root: int) -> list[int]:
     return found
 
 
-def tree_rss_mb(root: int) -> float:
+def tree_rss_mb(root: int | list[int]) -> float:
     """Resident memory of a process tree, in MiB."""
     total = 0
     for pid in tree_pids(root):
@@ -136,7 +136,7 @@ def tree_rss_mb(root: int) -> float:
     return total / 1024
 
 
-def tree_cpu_s(root: int) -> float:
+def tree_cpu_s(root: int | list[int]) -> float:
     """CPU seconds (user + system) used so far by a process tree's live processes."""
     total = 0
     for pid in tree_pids(root):
@@ -151,7 +151,7 @@ def tree_cpu_s(root: int) -> float:
 class PeakRss:
     """Samples a process tree's RSS in a thread and keeps the peak."""
 
-    def __init__(self, root: int, interval: float = 0.25) -> None:
+    def __init__(self, root: int | list[int], interval: float = 0.25) -> None:
         self.root, self.interval, self.peak = root, interval, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)

@@ -24,7 +24,8 @@ PARSE_SECONDS = 20.0
 
 def run(args: argparse.Namespace) -> Report:
     """Submit `jobs` at once, wait for all to end, sample the worker tree's RSS throughout."""
-    report = Report("P4 waiting capacity")
+    config = f"{args.workers} x {args.pool} {args.concurrency}"
+    report = Report(f"P4 waiting capacity ({config})")
     server = RedisServer().start()
     services: list[Service] = []
     queue = f"bench-p4-{uuid.uuid4().hex[:6]}"
@@ -35,13 +36,15 @@ def run(args: argparse.Namespace) -> Report:
         services.append(sim)
         env = bench_env(server.url, sim.url, queue, MAX_CONCURRENT_JOBS=str(args.jobs), RATE_LIMIT="off",
                         POTPIE_POLL_INTERVAL=str(args.poll), LOG_LEVEL=args.log_level)
-        worker = start_celery(env, "bench-p4-worker", pool=args.pool, concurrency=args.concurrency)
-        services.append(worker)
+        workers = [start_celery(env, f"bench-p4-worker{i}", pool=args.pool, concurrency=args.concurrency)
+                   for i in range(args.workers)]
+        services += workers
+        roots = [worker.proc.pid for worker in workers]
         api = start_api(env, "bench-p4-api")
         services.append(api)
         time.sleep(1)
-        idle_rss, redis_before = tree_rss_mb(worker.proc.pid), int(client.info("memory")["used_memory"])
-        cpu_before = tree_cpu_s(worker.proc.pid)
+        idle_rss, redis_before = tree_rss_mb(roots), int(client.info("memory")["used_memory"])
+        cpu_before = tree_cpu_s(roots)
         local = threading.local()
 
         def submit(i: int) -> str:
@@ -52,13 +55,13 @@ def run(args: argparse.Namespace) -> Report:
             assert response.status_code == 202, response.text
             return response.json()["job_id"]
 
-        with PeakRss(worker.proc.pid, 0.2) as peak:
+        with PeakRss(roots, 0.2) as peak:
             started = time.time()
             with ThreadPoolExecutor(8) as pool:
                 ids = list(pool.map(submit, range(args.jobs)))
             submitted = time.time() - started
             time.sleep(PARSE_SECONDS / 2)
-            waiting_rss = tree_rss_mb(worker.proc.pid)
+            waiting_rss = tree_rss_mb(roots)
             redis_waiting = int(client.info("memory")["used_memory"])
             active = client.zcard(prefix + "active")
 
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> Report:
                 return sum(pipe.execute()) >= args.jobs
 
             wait_for(ended, args.timeout, interval=0.2, what="all P4 jobs to end")
-        cpu_used = tree_cpu_s(worker.proc.pid) - cpu_before
+        cpu_used = tree_cpu_s(roots) - cpu_before
         pipe = client.pipeline(transaction=False)
         for job_id in ids:
             pipe.hmget(prefix + "job:" + job_id, ["status", "created_ts", "emitted_at"])
@@ -81,12 +84,12 @@ def run(args: argparse.Namespace) -> Report:
     finished = sum(1 for r in records if r[0] == "finished")
     makespan = max(float(r[2]) for r in records) - started
     longest = max(float(r[2]) - float(r[1]) for r in records)
-    report.rows.append(Row("P4 waiting capacity", f"{args.jobs} jobs, 20 s parse: all finished after s",
+    report.rows.append(Row(report.name, f"{args.jobs} jobs, 20 s parse: all finished after s",
                            PARSE_SECONDS, round(makespan, 1), "<= 30 s", makespan <= 30 and finished == args.jobs,
                            f"{finished}/{args.jobs} finished; longest job {longest:.1f} s"))
-    report.rows.append(Row("P4 waiting capacity", "peak worker RSS MB (process tree)", round(idle_rss, 1),
+    report.rows.append(Row(report.name, "peak worker RSS MB (process tree)", round(idle_rss, 1),
                            round(peak.peak, 1), "<= 500 MB", peak.peak <= 500,
-                           f"{args.pool} pool, concurrency {args.concurrency}; baseline: idle"))
+                           f"{args.workers} x {args.pool} pool, concurrency {args.concurrency}; baseline: idle"))
     report.facts.update({
         "per waiting job: worker RSS KB": f"{(waiting_rss - idle_rss) * 1024 / args.jobs:.1f}",
         "per waiting job: Redis memory KB": f"{(redis_waiting - redis_before) / 1024 / args.jobs:.1f}",
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> Report:
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--poll", type=float, default=5.0, help="POTPIE_POLL_INTERVAL (the production default: 5)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on the one host")
     parser.add_argument("--pool", default="prefork")
     parser.add_argument("--concurrency", type=int, default=4, help="the deployed default is 4")
     parser.add_argument("--timeout", type=float, default=75.0)
