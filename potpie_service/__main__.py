@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import sys
 import time
@@ -27,13 +28,14 @@ def run_api(argv: list[str]) -> int:
         def load_config(self) -> None:
             for key, value in {"bind": f"{settings.host}:{settings.port}", "workers": 1, "threads": args.threads,
                                "worker_class": "gthread", "graceful_timeout": 8, "timeout": 0,
-                               "accesslog": None, "loglevel": settings.log_level}.items():
+                               "accesslog": None, "loglevel": settings.log_level,
+                               "logger_class": "potpie_service.logs.GunicornLogger"}.items():
                 self.cfg.set(key, value)
 
         def load(self):  # noqa: ANN202
             return app
 
-    print(f"potpie-service API listening on http://{settings.host}:{settings.port}", file=sys.stderr)
+    logging.getLogger("potpie_service").info("API listening on http://%s:%s", settings.host, settings.port)
     Server().run()
     return 0
 

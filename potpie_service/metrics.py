@@ -61,6 +61,7 @@ class Family:
 FAMILIES = {f.name: f for f in (
     Family("potpie_jobs_finished_total", "counter", "Jobs that finished with a result."),
     Family("potpie_jobs_failed_total", "counter", "Jobs that failed for good, by failure class.", ("failure_class",)),
+    Family("potpie_jobs_cancelled_total", "counter", "Jobs cancelled by their owner (DELETE /jobs/<id>)."),
     Family("potpie_job_retries_total", "counter", "Job-level retries scheduled (moves into the retrying state)."),
     Family("potpie_job_duration_seconds", "histogram", "Job time from submission to its end, by final status.",
            ("status",), JOB_BUCKETS),
@@ -129,6 +130,8 @@ class MetricsRecorder:
                 pipe.hincrby(self.key, "potpie_jobs_finished_total|", 1)
             elif status == "failed":
                 pipe.hincrby(self.key, f"potpie_jobs_failed_total|{failure_class(job.get('failed_reason', ''))}", 1)
+            elif status == "cancelled":
+                pipe.hincrby(self.key, "potpie_jobs_cancelled_total|", 1)
         self._send(pipe)
 
     def upstream(self, endpoint: str, outcome: str, seconds: float) -> None:

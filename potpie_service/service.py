@@ -17,6 +17,7 @@ from .api.validation import AnalyzeRequest
 from .config import Settings
 from .events import final_events, now_iso
 from .jobs import Dedup, JobStore
+from .metrics import MetricsRecorder
 from .model import MESSAGES, JobStatus
 from .potpie import PotpieClient
 from .tokens import TokenCipher
@@ -38,6 +39,7 @@ class JobService:
         self.cipher = cipher
         self.potpie = potpie
         self.emit: Callable[[str, list], None] = lambda job_id, events: None  # set by the app: to the job's room
+        self.observe: Callable[[str, dict[str, str]], None] = MetricsRecorder(store.redis, store.prefix).observe
         self.started = time.time()
         self._potpie_checked: tuple[float, bool, float] = (0.0, False, 0.0)
 
@@ -161,11 +163,16 @@ class JobService:
         if JobStatus(record["status"]).terminal:
             raise Conflict(f"the job has already ended ({record['status']})", field="job_id", status=record["status"])
         fields = {"message": MESSAGES[JobStatus.CANCELLED], "finished_at": now_iso(), "cancelled_by": owner}
-        seq, admitted = self.store.finish(record["id"], "", JobStatus.CANCELLED, fields)
+        try:
+            seq, admitted = self.store.finish(record["id"], "", JobStatus.CANCELLED, fields)
+        except redis.RedisError:
+            raise ServiceUnavailable("Redis connection failed: the job was not cancelled") from None
         if seq < 0:
             raise Conflict("the job has already ended", field="job_id")
+        previous = record["status"]
         record.update(fields, status=JobStatus.CANCELLED.value)
         self.emit(record["id"], final_events(record, seq))
+        self.observe("ended", {**record, "previous_status": previous, "previous_since": record.get("status_since", "")})
         for admitted_id in admitted:
             self._dispatch_first(admitted_id)
         log.info("job cancelled", extra={"job_id": record["id"]})
@@ -174,7 +181,10 @@ class JobService:
 
     def list_jobs(self, owner: str, status: str | None, page: int, per_page: int) -> dict[str, Any]:
         """A page of the owner's jobs, newest first (status=failed: the dead-letter list)."""
-        total, records = self.store.owner_jobs(owner, status, (page - 1) * per_page, per_page)
+        try:
+            total, records = self.store.owner_jobs(owner, status, (page - 1) * per_page, per_page)
+        except redis.RedisError:
+            raise ServiceUnavailable("Redis connection failed") from None
         jobs = []
         for record in records:
             position = self.queue_position(record)

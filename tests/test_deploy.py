@@ -256,7 +256,8 @@ def test_dockerfile_commands_match_the_service():
     worker_final = stages(DOCKERFILES["worker"])[-1]
     api_cmd = json.loads([a for i, a in api_final if i == "CMD"][-1])
     assert api_cmd == ["gunicorn", "-w", "1", "--threads", "100", "-k", "gthread", "-b", "0.0.0.0:8080",
-                       "--graceful-timeout", "10", "potpie_service.wsgi:app"]
+                       "--graceful-timeout", "10", "--logger-class", "potpie_service.logs.GunicornLogger",
+                       "potpie_service.wsgi:app"]
     assert "8080" in [a for i, a in api_final if i == "EXPOSE"][-1].split()
     worker_cmd = json.loads([a for i, a in worker_final if i == "CMD"][-1])
     assert worker_cmd == ["celery", "-A", "workers", "worker", "--loglevel=INFO", "--concurrency=4", "-E"]

@@ -1,12 +1,18 @@
 """The Celery app: `celery -A workers worker` and `celery -A workers flower`."""
 
+import sys
+
 from celery.signals import celeryd_init, setup_logging, task_postrun, task_prerun
 
 from potpie_service import logs
 from potpie_service.bootstrap import load_settings
+from potpie_service.connections import tls_problem
 from potpie_service.queue import DELIVER_WEBHOOK, RUN_STEP, make_celery
 
 settings = load_settings("worker")
+if problem := tls_problem(settings):  # an untrusted Redis is a configuration error, not an outage to wait out
+    print(f"potpie-service worker: {problem}", file=sys.stderr)
+    raise SystemExit(2)
 app = make_celery(settings)
 
 

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import redis
 import socketio as python_socketio
 from flask import Flask, Response, g, request
 from flask_socketio import SocketIO
@@ -25,7 +26,7 @@ from ..queue import dispatcher, make_celery
 from ..runtime import make_store
 from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
-from .errors import ApiError, error_response
+from .errors import ApiError, ServiceUnavailable, error_response
 from .ratelimit import init_rate_limits
 from .validation import MAX_BODY_BYTES
 
@@ -80,6 +81,11 @@ def _install_hooks(app: Flask, settings: Settings) -> None:
     @app.errorhandler(ApiError)
     def api_error(error: ApiError) -> Any:
         return error_response(error)
+
+    @app.errorhandler(redis.RedisError)
+    def redis_error(error: redis.RedisError) -> Any:  # any Redis failure a view did not name itself is a 503
+        log.error("Redis unavailable: %s", type(error).__name__, extra={"request_id": g.get("request_id")})
+        return error_response(ServiceUnavailable("Redis connection failed"))
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Any:
