@@ -253,7 +253,8 @@ class Pipeline:
         if not can_move(current, change.status):
             log.error("refused transition %s -> %s", current.value, change.status.value, extra={"job_id": job["id"]})
             change = Advance(JobStatus.RETRYING, change.fields, wait=self.settings.retry_base_delay)
-        mode = "progress" if current is change.status else "state"
+        # Only progress within one state may be throttled; every retry is news (attempt, delay, error).
+        mode = "progress" if current is change.status and current is not JobStatus.RETRYING else "state"
         fields = {**change.fields, "status": change.status.value, "seq": seq,
                   "next_due": time.time() + change.wait}
         if current is not change.status:

@@ -58,6 +58,24 @@ def _security_headers(response: Response) -> Response:
     return response
 
 
+def _socket_origins(configured: tuple[str, ...]) -> Any:
+    """Socket.IO origin policy: same origin only by default; `*` explicitly; else the list plus the same origin."""
+    if not configured:
+        return None
+    if "*" in configured:
+        return "*"
+    allowed = set(configured)
+
+    def allow(origin: str | None, environ: dict[str, Any]) -> bool:
+        own = {f"{environ.get('wsgi.url_scheme', 'http')}://{environ.get('HTTP_HOST', '')}"}
+        if "HTTP_X_FORWARDED_HOST" in environ or "HTTP_X_FORWARDED_PROTO" in environ:
+            scheme = environ.get("HTTP_X_FORWARDED_PROTO", "http").split(",")[0].strip()
+            own.add(f"{scheme}://{environ.get('HTTP_X_FORWARDED_HOST', environ.get('HTTP_HOST', '')).split(',')[0]}")
+        return origin in allowed or origin in own
+
+    return allow
+
+
 def _install_hooks(app: Flask, settings: Settings) -> None:
     origins = set(settings.cors_origins)
 
@@ -130,9 +148,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                          potpie)
     manager = python_socketio.RedisManager(settings.redis_url, channel=channel(settings),
                                            redis_options=redis_options(settings, socket_timeout=None))
-    cors: Any = list(settings.cors_origins) or None
-    if "*" in settings.cors_origins:
-        cors = "*"
+    cors: Any = _socket_origins(settings.cors_origins)
     socketio = SocketIO(app, async_mode=settings.socketio_async_mode, client_manager=manager,
                         cors_allowed_origins=cors, ping_interval=20, ping_timeout=20, logger=False,
                         engineio_logger=False)
