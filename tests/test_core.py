@@ -140,3 +140,11 @@ def test_bad_configuration_stops_start_up_with_one_line(command: list[str]) -> N
     assert done.returncode == 2
     assert "PORT='eighty': expected a whole number" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_env_example_documents_every_variable() -> None:
+    from dataclasses import fields
+
+    documented = (ROOT / ".env.example").read_text()
+    missing = [f.metadata["env"] for f in fields(Settings) if f"\n{f.metadata['env']}=" not in documented]
+    assert missing == []
