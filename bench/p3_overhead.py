@@ -19,8 +19,8 @@ from typing import Callable
 import redis
 import requests
 
+from . import chain_app
 from .chain_app import RESULTS
-from .chain_app import submit as submit_chain
 from .common import (PROBE, RedisServer, Report, Row, Service, bench_env, cli, pct, start_api, start_celery,
                      start_simulator, tree_cpu_s, wait_for)
 
@@ -81,18 +81,17 @@ def run(args: argparse.Namespace) -> Report:
         services.append(start_api(env, "bench-p3-api"))
         workers = [start_celery(env, f"bench-p3-worker{i}", "bench.probe_worker", args.pool, args.concurrency)
                    for i in range(args.workers)]
-        chain_worker = start_celery(chain_env, "bench-p3-chain", "bench.chain_app", args.pool, args.concurrency,
-                                    queues=queue + "-chain", heartbeat=False)
-        services += [*workers, chain_worker]
+        chain_workers = [start_celery(chain_env, f"bench-p3-chain{i}", "bench.chain_app", args.pool, args.concurrency,
+                                      queues=queue + "-chain", heartbeat=False) for i in range(args.workers)]
+        services += [*workers, *chain_workers]
         roots = [w.proc.pid for w in workers]
         ours = Ours(services[1].url, client, queue)
-        from . import chain_app  # the producer side of the baseline, bound to the same Redis
-        chain_app.app.conf.broker_url = server.url
+        chain_app.app.conf.broker_url = server.url  # the producer side of the baseline, on the same Redis
         chain_app.QUEUE = queue + "-chain"
 
         def chain_job() -> str:
             job = uuid.uuid4().hex
-            submit_chain(job, f"octocat/c{job[:12]}", POLL)
+            chain_app.submit(job, f"octocat/c{job[:12]}", POLL)
             return job
 
         def chain_done(job: str) -> bool:
