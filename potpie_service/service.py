@@ -26,6 +26,7 @@ from .webhooks import UnsafeCallbackUrl, check_url
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[str, int, float], None]
+DURATIONS_MAX_AGE = 1.0  # seconds an API process reuses the recent durations behind ETAs
 
 
 class JobService:
@@ -42,6 +43,7 @@ class JobService:
         self.observe: Callable[[str, dict[str, str]], None] = MetricsRecorder(store.redis, store.prefix).observe
         self.started = time.time()
         self._potpie_checked: tuple[float, bool, float] = (0.0, False, 0.0)
+        self._durations: tuple[float, list[float]] = (0.0, [])  # (read at, monotonic), for ETAs
 
     def submit(self, owner: str, request: AnalyzeRequest, idempotency_key: str | None = None,
                extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
@@ -149,10 +151,18 @@ class JobService:
             body["result"] = json.loads(record["result"])
         return body
 
+    def _recent_durations(self) -> list[float]:
+        """The last jobs' durations, read at most once a second while there are some (a Redis trip per submit)."""
+        read_at, durations = self._durations
+        if not durations or time.monotonic() - read_at > DURATIONS_MAX_AGE:
+            durations = self.store.recent_durations()
+            self._durations = (time.monotonic(), durations)
+        return durations
+
     def eta(self, record: dict[str, Any], position: int | None) -> float | None:
         """Seconds until the job should finish (see analysis.eta_seconds)."""
         status = record.get("status", "queued")
-        durations = [] if JobStatus(status).terminal else self.store.recent_durations()
+        durations = [] if JobStatus(status).terminal else self._recent_durations()
         admitted = float(record["admitted_at"]) if record.get("admitted_at") else None
         return analysis.eta_seconds(status, position, admitted, durations, self.settings.max_concurrent_jobs,
                                     time.time())
