@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> Report:
                           "bench-p1-api-nolimit")
     second = start_api(env, "bench-p1-api2")
     client = redis.Redis.from_url(server.url, decode_responses=True)
+    for name in (queue, queue + "-off"):  # as on a service that has finished jobs: ETAs have durations to use
+        client.lpush(f"psvc:{name}:durations", *(30.0 + i for i in range(50)))
     try:
         for service in (api, unlimited, second):
             wrk(service.url, 50, 2, service.proc.pid)  # warm-up: threads, connection pools, Lua scripts loaded
