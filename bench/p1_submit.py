@@ -1,7 +1,8 @@
 """P1 submit: `POST /analyze` throughput at 50 keep-alive clients (wrk) against a bare send_task loop, and p99 at 8.
 
 No worker runs in either case: both only enqueue. MAX_CONCURRENT_JOBS is high so every submit enqueues its
-first step, exactly what the baseline loop does (same task name, same arguments, same Celery config, same Redis).
+first step, exactly what the baseline loop does (same task name and arguments, same Redis). The baseline is a
+default Celery app; the same loop over the service's own `make_celery` + `dispatcher` is reported beside it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ API_KEY = "psk_bench_submit_key"
 
 
 def baseline_rate(redis_url: str, queue: str, seconds: float, bare: bool = True) -> float:
-    """Jobs/s of a loop of `send_task(RUN_STEP, [job_id, 0])` with no consumer: a default Celery app (bare) or the
-    service's own `make_celery` + `dispatcher` (bare=False)."""
+    """Jobs/s of a `send_task(RUN_STEP, [job_id, 0])` loop with no consumer (bare: a default Celery app)."""
     settings = Settings.from_env({"REDIS_URL": redis_url, "QUEUE_NAME": queue})
     if bare:
         app = Celery("bare", broker=redis_url)
@@ -48,8 +48,7 @@ def baseline_rate(redis_url: str, queue: str, seconds: float, bare: bool = True)
         for _ in range(50):
             dispatch(uuid.uuid4().hex, 0, 0)
         count += 50
-    rate = count / (time.perf_counter() - started)
-    return rate
+    return count / (time.perf_counter() - started)
 
 
 def _wrk_script() -> str:
