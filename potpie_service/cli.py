@@ -205,6 +205,10 @@ def main(argv: list[str]) -> int:
         display.close()
         print(f"potpie-service analyze: {scrub(str(exc), args.token)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        display.close()
+        print("potpie-service analyze: interrupted (the job goes on; see --follow)", file=sys.stderr)
+        return 130
     display.close()
     event, payload = tracker.final or ("analysis_error", {"message": "no final event received"})
     return report(event, payload, args.json, sys.stdout, sys.stderr)
