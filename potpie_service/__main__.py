@@ -16,9 +16,11 @@ def run_api(argv: list[str]) -> int:
     from .bootstrap import load_settings
 
     parser = argparse.ArgumentParser(prog="python -m potpie_service api")
-    parser.add_argument("--threads", type=int, default=200, help="request threads (each WebSocket holds one)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="request threads (default API_THREADS); each open WebSocket holds one")
     args = parser.parse_args(argv)
     settings = load_settings("api")
+    threads = args.threads or settings.api_threads
     from .api import create_app, preflight
 
     preflight(settings)
@@ -26,7 +28,8 @@ def run_api(argv: list[str]) -> int:
 
     class Server(BaseApplication):
         def load_config(self) -> None:
-            for key, value in {"bind": f"{settings.host}:{settings.port}", "workers": 1, "threads": args.threads,
+            for key, value in {"bind": f"{settings.host}:{settings.port}", "workers": 1, "threads": threads,
+                               "worker_connections": 2 * threads,
                                "worker_class": "gthread", "graceful_timeout": 8, "timeout": 0,
                                "accesslog": None, "loglevel": settings.log_level,
                                "logger_class": "potpie_service.logs.GunicornLogger"}.items():

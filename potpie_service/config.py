@@ -111,6 +111,7 @@ class Settings:
 
     port: int = _env("PORT", "8080", _int(1, 65535))
     host: str = _env("HOST", "0.0.0.0")
+    api_threads: int = _env("API_THREADS", "1000", _int(10, 20000))
     potpie_api_key: str = _env("POTPIE_API_KEY", "", secret=True)
     potpie_base_url: str = _env("POTPIE_BASE_URL", "https://production-api.potpie.ai")
     potpie_poll_interval: float = _env("POTPIE_POLL_INTERVAL", "5", _float(0.05))

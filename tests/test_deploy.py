@@ -255,9 +255,8 @@ def test_dockerfile_commands_match_the_service():
     api_final = stages(DOCKERFILES["api"])[-1]
     worker_final = stages(DOCKERFILES["worker"])[-1]
     api_cmd = json.loads([a for i, a in api_final if i == "CMD"][-1])
-    assert api_cmd == ["gunicorn", "-w", "1", "--threads", "100", "-k", "gthread", "-b", "0.0.0.0:8080",
-                       "--graceful-timeout", "10", "--logger-class", "potpie_service.logs.GunicornLogger",
-                       "potpie_service.wsgi:app"]
+    # gunicorn (gthread, one worker, API_THREADS threads, JSON logger) started by the api command itself
+    assert api_cmd == ["python", "-m", "potpie_service", "api"]
     assert "8080" in [a for i, a in api_final if i == "EXPOSE"][-1].split()
     worker_cmd = json.loads([a for i, a in worker_final if i == "CMD"][-1])
     assert worker_cmd == ["celery", "-A", "workers", "worker", "--loglevel=INFO", "--concurrency=4", "-E"]
