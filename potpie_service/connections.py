@@ -63,15 +63,15 @@ def tls_options(settings: Settings) -> dict[str, Any]:
     }
     if not settings.redis_tls_reject_unauthorized:
         _warn_unverified()
-    if settings.redis_tls_ca_path:
-        options["ssl_ca_certs"] = settings.redis_tls_ca_path
-    if settings.redis_tls_cert_path:
-        options["ssl_certfile"] = settings.redis_tls_cert_path
-    if settings.redis_tls_key_path:
-        options["ssl_keyfile"] = settings.redis_tls_key_path
-    if not settings.redis_tls_reject_unauthorized:
         options["ssl_check_hostname"] = False
-    return options
+    return {**options, **_tls_files(settings)}
+
+
+def _tls_files(settings: Settings) -> dict[str, str]:
+    """The CA bundle and client certificate/key options that are set (same names for redis-py and kombu)."""
+    files = {"ssl_ca_certs": settings.redis_tls_ca_path, "ssl_certfile": settings.redis_tls_cert_path,
+             "ssl_keyfile": settings.redis_tls_key_path}
+    return {name: path for name, path in files.items() if path}
 
 
 def redis_options(settings: Settings, socket_timeout: float | None = SOCKET_TIMEOUT) -> dict[str, Any]:
@@ -96,13 +96,5 @@ def celery_ssl_options(settings: Settings) -> dict[str, Any] | None:
     """Celery's `broker_use_ssl` / `redis_backend_use_ssl` value (None when TLS is off)."""
     if not settings.redis_tls:
         return None
-    options: dict[str, Any] = {
-        "ssl_cert_reqs": ssl.CERT_REQUIRED if settings.redis_tls_reject_unauthorized else ssl.CERT_NONE,
-    }
-    if settings.redis_tls_ca_path:
-        options["ssl_ca_certs"] = settings.redis_tls_ca_path
-    if settings.redis_tls_cert_path:
-        options["ssl_certfile"] = settings.redis_tls_cert_path
-    if settings.redis_tls_key_path:
-        options["ssl_keyfile"] = settings.redis_tls_key_path
-    return options
+    reqs = ssl.CERT_REQUIRED if settings.redis_tls_reject_unauthorized else ssl.CERT_NONE
+    return {"ssl_cert_reqs": reqs, **_tls_files(settings)}
