@@ -197,19 +197,6 @@ def bench_env(redis_url: str, potpie_url: str, queue: str, **overrides: str) -> 
                        STEP_GRACE="60", **overrides)
 
 
-def start_gunicorn_api(env: dict[str, str], threads: int, connections: int, name: str = "bench-api") -> Service:
-    """An API process via gunicorn's own CLI (for settings `python -m potpie_service api` does not expose)."""
-    port = free_port()
-    args = [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", str(threads),
-            "--worker-connections", str(connections), "--bind", f"127.0.0.1:{port}", "--timeout", "0",
-            "--graceful-timeout", "5", "potpie_service.wsgi:app"]
-    service = Service(name, args, env).start()
-    service.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-    wait_for(lambda: requests.get(service.url + "/livez", timeout=1).ok or not service.alive(), 30, what=name)
-    assert service.alive(), service.log()[-3000:]
-    return service
-
-
 def cli(name: str, body: Callable[[argparse.Namespace], Report],
         configure: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Run one benchmark from the command line: print its rows; `--json PATH` also saves the report."""

@@ -2,8 +2,8 @@
 every state change (contiguous `seq` from its join to the final event, and the final event itself).
 
 The jobs are submitted and joined before the worker starts, so no state change can happen before its client
-listens. The API runs under gunicorn's CLI with a thread per WebSocket (threading mode) and enough
-worker connections; API RSS and CPU are measured over the process tree.
+listens. The API is `python -m potpie_service api` with API_THREADS above the client count (threading mode: a
+thread per WebSocket); API RSS and CPU are measured over its process tree.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 import socketio
 
-from .common import (PeakRss, RedisServer, Report, Row, Service, bench_env, cli, start_celery, start_gunicorn_api,
+from .common import (PeakRss, RedisServer, Report, Row, Service, bench_env, cli, start_api, start_celery,
                      start_simulator, tree_cpu_s, tree_rss_mb, wait_for)
 
 FINAL = ("analysis_complete", "analysis_error")
@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> Report:
         sim = start_simulator(parse_seconds=args.parse_seconds)
         services.append(sim)
         env = bench_env(server.url, sim.url, f"bench-p5-{uuid.uuid4().hex[:6]}", MAX_CONCURRENT_JOBS=str(args.clients),
-                        POTPIE_POLL_INTERVAL="0.5", RATE_LIMIT="off")
-        api = start_gunicorn_api(env, threads=args.clients + 100, connections=2 * args.clients + 200)
+                        POTPIE_POLL_INTERVAL="0.5", RATE_LIMIT="off", API_THREADS=str(args.clients + 100))
+        api = start_api(env, "bench-p5-api")
         services.append(api)
         session = requests.Session()
         ids = [session.post(api.url + "/analyze", json={"repo": f"octocat/f{i}-{uuid.uuid4().hex[:6]}"},
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> Report:
         "jobs run in s (worker start to last final event)": f"{fanout_s:.1f}",
         "statuses seen by each client": "parsing, ready, processing_conversations, finished"
         if all({"parsing", "ready", "finished"} <= f.statuses for f in followers) else "some missing",
-        "API gunicorn": f"gthread, {args.clients + 100} threads, {2 * args.clients + 200} worker connections",
+        "API": f"python -m potpie_service api, API_THREADS={args.clients + 100}",
         "health status at the end": str(health.get("status")),
     })
     return report
