@@ -17,6 +17,12 @@ import redis
 from .model import JobStatus
 
 _ADMIT = """
+-- a retention index keeps entries for `ttl` seconds and vanishes `ttl` after its last entry (no unbounded growth)
+local function retain(index, now, ttl)
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now - ttl)
+  redis.call('EXPIRE', index, math.ceil(ttl))
+end
+
 local function admit(prefix, max, now)
   local admitted = {}
   while redis.call('ZCARD', prefix .. 'active') < max do
@@ -35,7 +41,7 @@ end
 """
 
 # ARGV: prefix, max, now, id, owner, encrypted token ('' for none), token ttl, dedup key ('' for none),
-#       idempotency key ('' for none), request hash, idempotency ttl, field, value, ...
+#       idempotency key ('' for none), request hash, idempotency ttl, owner index ttl, field, value, ...
 _SUBMIT = _ADMIT + """
 local prefix, max, now, id = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local dedup, idem = ARGV[8], ARGV[9]
@@ -57,9 +63,10 @@ if dedup ~= '' then
 end
 local key = prefix .. 'job:' .. id
 local ticket = redis.call('INCR', prefix .. 'tickets')
-redis.call('HSET', key, 'ticket', ticket, unpack(ARGV, 12))
+redis.call('HSET', key, 'ticket', ticket, unpack(ARGV, 13))
 redis.call('ZADD', prefix .. 'waiting', ticket, id)
 redis.call('ZADD', prefix .. 'owner:' .. ARGV[5], now, id)
+retain(prefix .. 'owner:' .. ARGV[5], now, tonumber(ARGV[12]))
 if ARGV[6] ~= '' then redis.call('SET', prefix .. 'secret:' .. id, ARGV[6], 'EX', ARGV[7]) end
 if idem ~= '' then
   redis.call('HSET', idem, 'job_id', id, 'hash', ARGV[10])
@@ -114,9 +121,13 @@ redis.call('DEL', key .. ':lock', prefix .. 'secret:' .. id)
 redis.call('ZREM', prefix .. 'active', id)
 redis.call('ZREM', prefix .. 'waiting', id)
 redis.call('ZADD', prefix .. ARGV[7], now, id)
+retain(prefix .. ARGV[7], now, tonumber(ARGV[6]))
 redis.call('EXPIRE', key, ARGV[6])
 local owner = redis.call('HGET', key, 'owner')
-if owner then redis.call('ZADD', prefix .. 'owner:' .. owner .. ':' .. ARGV[7], now, id) end
+if owner then
+  redis.call('ZADD', prefix .. 'owner:' .. owner .. ':' .. ARGV[7], now, id)
+  retain(prefix .. 'owner:' .. owner .. ':' .. ARGV[7], now, tonumber(ARGV[6]))
+end
 local dedup = redis.call('HGET', key, 'dedup_key')
 if dedup and redis.call('GET', dedup) == id then redis.call('DEL', dedup) end
 if ARGV[7] == 'finished' then
@@ -198,7 +209,7 @@ class JobStore:
             self.prefix, self.max_concurrent, time.time(), job_id, owner, secret, secret_ttl,
             f"{self.prefix}dedup:{owner}:{dedup.request_key}" if dedup.request_key else "",
             f"{self.prefix}idem:{owner}:{dedup.idempotency_key}" if dedup.idempotency_key else "",
-            dedup.request_hash, dedup.idempotency_ttl, *_flatten(fields)])
+            dedup.request_hash, dedup.idempotency_ttl, max(self.ttl.values()), *_flatten(fields)])
         if reply[0] != "created":
             return Submitted(reply[0], reply[1])
         return Submitted("created", reply[1], int(reply[2]) + 1, tuple(reply[3]))
