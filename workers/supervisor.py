@@ -29,6 +29,9 @@ from . import app, settings
 log = logging.getLogger(__name__)
 _stop = threading.Event()
 _shutdown_started = threading.Event()
+# After a broker outage Celery's consumer retries with growing pauses of up to 30 s (kombu's interval_max), so
+# it may consume again only that long after Redis is back; the stall clock allows for it.
+RECONNECT_WINDOW = 30.0
 
 
 def stall_limit() -> float:
@@ -72,7 +75,7 @@ class Supervisor:
             seen = self.store.worker_last_seen(self.hostname) or 0.0
         except Exception as exc:  # the broker is away: the stall clock restarts once it is back
             log.warning("supervisor tick failed (%s: %s); retrying", type(exc).__name__, exc)
-            self.proof = now
+            self.proof = now + RECONNECT_WINDOW
             return False
         self.proof = max(self.proof, seen)
         return now - self.proof > stall_limit()
