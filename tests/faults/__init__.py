@@ -1,0 +1,1 @@
+"""Fault injection: real processes, real signals, real Redis restarts; each module breaks one thing."""

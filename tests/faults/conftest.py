@@ -1,0 +1,250 @@
+"""Fault-injection helpers: fast simulators, events counted over the network, process surgery, the liveness probe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import pytest
+import redis
+import requests
+import socketio
+
+from potpie_service.simulator import Simulator, SimulatorConfig
+from tests.conftest import SIM_KEY, Stack, make_stack
+from tests.stack import ROOT, RedisServer, wait_for
+
+# Every fault stack: no API rate limit (bursts are the point), a heartbeat every 0.5 s (leases live 5 s), overdue
+# steps re-dispatched after 2 s, Potpie calls tried once inside a step unless a test says otherwise.
+FAULT_ENV = {"RATE_LIMIT": "off", "WORKER_HEARTBEAT_INTERVAL": "0.5", "STEP_GRACE": "2", "REQUEST_TIMEOUT": "2000",
+             "POTPIE_POLL_INTERVAL": "0.5", "MAX_CONCURRENT_JOBS": "100"}
+FINAL = ("finished", "failed", "cancelled")
+
+
+def fast_simulator(port: int = 0, **config: Any) -> Simulator:
+    """An in-process simulator that answers without Nagle's 40 ms stall between its header and body writes."""
+    sim = Simulator(SimulatorConfig(api_key=SIM_KEY, **config))
+    sim.start(port=port)
+    sim._server.RequestHandlerClass.disable_nagle_algorithm = True  # type: ignore[union-attr]
+    return sim
+
+
+@pytest.fixture
+def simulators() -> Iterator[Callable[..., Simulator]]:
+    """A factory of fast simulators, stopped after the test."""
+    made: list[Simulator] = []
+
+    def make(port: int = 0, **config: Any) -> Simulator:
+        made.append(fast_simulator(port, **config))
+        return made[-1]
+
+    yield make
+    for sim in made:
+        sim.stop()
+
+
+@pytest.fixture
+def stacks() -> Iterator[Callable[..., Stack]]:
+    """A factory of stacks (workers + API on a queue of their own), stopped after the test."""
+    made: list[Stack] = []
+
+    def make(redis_server: RedisServer, sim: Simulator, name: str, workers: int = 1, concurrency: int = 2,
+             **overrides: str) -> Stack:
+        made.append(make_stack(redis_server, sim, name, workers, concurrency, **{**FAULT_ENV, **overrides}))
+        return made[-1]
+
+    yield make
+    for stack in made:
+        stack.stop()
+
+
+def sim_stats(sim: Simulator) -> dict[str, Any]:
+    """The simulator's request counters, over HTTP."""
+    return requests.get(sim.url + "/_sim/stats", timeout=5).json()
+
+
+def sim_config(sim: Simulator, **values: float) -> None:
+    """Change the simulator's timings live, over HTTP."""
+    requests.post(sim.url + "/_sim/config", json=values, timeout=5).raise_for_status()
+
+
+def submit_many(stack: Stack, repos: list[str]) -> list[str]:
+    """Submit one job per repo; their ids in order."""
+    return [stack.submit(repo)["job_id"] for repo in repos]
+
+
+def states(stack: Stack, ids: list[str]) -> list[str | None]:
+    """The status of each job, read from Redis in one round trip."""
+    client = stack.redis.client()
+    prefix = f"psvc:{stack.env['QUEUE_NAME']}:job:"
+    pipe = client.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hget(prefix + job_id, "status")
+    return pipe.execute()
+
+
+def wait_all_final(stack: Stack, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+    """Wait until every job has ended (polling Redis), then return each one's /status body over HTTP."""
+    def ended() -> bool:
+        return all(state in FINAL for state in states(stack, ids))
+
+    try:
+        wait_for(ended, timeout, interval=0.2, what=f"{len(ids)} jobs to end")
+    except AssertionError:
+        pending = Counter(str(state) for state in states(stack, ids) if state not in FINAL)
+        raise AssertionError(f"jobs still open after {timeout} s: {dict(pending)}") from None
+    return [stack.status(job_id) for job_id in ids]
+
+
+def pool_children(pid: int) -> list[int]:
+    """The pids of a process's children (a Celery worker's pool processes)."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found += [int(child) for child in handle.read().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    return found
+
+
+def worker_health(env: dict[str, str], hostname: str, max_age: float) -> subprocess.CompletedProcess[str]:
+    """Run the liveness probe Kubernetes runs (`python -m potpie_service worker-health`) for one worker."""
+    return subprocess.run([sys.executable, "-m", "potpie_service", "worker-health", "--hostname", hostname,
+                           "--max-age", str(max_age)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=30)
+
+
+def log_lines(stack: Stack) -> list[dict[str, Any]]:
+    """Every JSON log line of the stack's workers (past and present) and API."""
+    lines: list[dict[str, Any]] = []
+    for service in [*stack.workers, stack.api]:
+        for raw in service.log().splitlines():
+            if raw.startswith("{"):
+                try:
+                    lines.append(json.loads(raw))
+                except ValueError:  # a line cut by a kill -9
+                    continue
+    return lines
+
+
+class Emissions:
+    """Every event the workers publish, read from the Redis channel all API processes listen on."""
+
+    def __init__(self, redis_url: str, queue_name: str) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.lock = threading.Lock()
+        self.pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(**{f"psvc-{queue_name}": self._on_message})
+        self.thread = self.pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        packet = json.loads(message["data"])
+        if packet.get("method") != "emit":
+            return
+        payload = packet["data"][0]
+        with self.lock:
+            self.counts[(packet["event"], payload.get("job_id", ""))] += 1
+
+    def count(self, event: str, job_id: str) -> int:
+        """How many times `event` was published for the job."""
+        with self.lock:
+            return self.counts[(event, job_id)]
+
+    def jobs_with(self, event: str) -> Counter[str]:
+        """Job id -> number of `event`s published."""
+        with self.lock:
+            return Counter({job: n for (name, job), n in self.counts.items() if name == event})
+
+    def close(self) -> None:
+        self.thread.stop()
+        self.thread.join(timeout=2)  # the thread's last read ends before its socket closes
+        self.pubsub.close()
+
+
+@pytest.fixture
+def emissions() -> Iterator[Callable[[Stack], Emissions]]:
+    """A factory of Emissions listeners on a stack's channel, closed after the test."""
+    made: list[Emissions] = []
+
+    def listen(stack: Stack) -> Emissions:
+        made.append(Emissions(stack.env["REDIS_URL"], stack.env["QUEUE_NAME"]))
+        time.sleep(0.1)  # the SUBSCRIBE is in place before the test makes events
+        return made[-1]
+
+    yield listen
+    for listener in made:
+        listener.close()
+
+
+class Follower:
+    """A python-socketio client following jobs over the network; it re-joins them on every (re)connect."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = socketio.Client(reconnection=True, reconnection_delay=0.2, reconnection_delay_max=1.0)
+        self.jobs: list[str] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.connects = 0
+        self.disconnected_at: float | None = None
+        self.lock = threading.Lock()
+        self.client.on("connect", self._on_connect)
+        self.client.on("disconnect", self._on_disconnect)
+        for name in ("status_update", "analysis_complete", "analysis_error"):
+            self.client.on(name, lambda payload, name=name: self._record(name, payload))
+
+    def _on_connect(self) -> None:
+        self.connects += 1
+        for job_id in list(self.jobs):
+            self.client.emit("join_project", job_id)
+
+    def _on_disconnect(self, *_: Any) -> None:
+        self.disconnected_at = time.monotonic()
+
+    def _record(self, name: str, payload: dict[str, Any]) -> None:
+        with self.lock:
+            self.events.append((name, payload))
+
+    def connect(self) -> "Follower":
+        self.client.connect(self.url, transports=["websocket"], wait_timeout=5)
+        return self
+
+    def follow(self, job_ids: list[str]) -> None:
+        """Join every job's room, with an ack for each."""
+        for job_id in job_ids:
+            ack = self.client.call("join_project", job_id, timeout=5)
+            assert ack["ok"], ack
+            self.jobs.append(job_id)
+
+    def of(self, job_id: str, name: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [p for n, p in self.events if p.get("job_id") == job_id and (name is None or n == name)]
+
+    def finals(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """The final events (analysis_complete / analysis_error) received for the job, in order."""
+        with self.lock:
+            return [(n, p) for n, p in self.events
+                    if p.get("job_id") == job_id and n in ("analysis_complete", "analysis_error")]
+
+    def close(self) -> None:
+        self.client.disconnect()
+
+
+@pytest.fixture
+def followers() -> Iterator[Callable[[str], Follower]]:
+    """A factory of connected Followers, disconnected after the test."""
+    made: list[Follower] = []
+
+    def follow(url: str) -> Follower:
+        made.append(Follower(url).connect())
+        return made[-1]
+
+    yield follow
+    for follower in made:
+        follower.close()

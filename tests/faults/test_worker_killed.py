@@ -1,0 +1,75 @@
+"""Scenario 1: SIGKILL a pool process, then the main process, three rounds, while 50 jobs are in flight."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.faults.conftest import pool_children, sim_stats, states, submit_many, wait_all_final
+from tests.stack import start_worker
+
+pytestmark = pytest.mark.slow
+
+JOBS = 50
+
+
+def test_kill_9_three_rounds_loses_nothing_and_repeats_nothing(redis_server, simulators, stacks, emissions,
+                                                                followers) -> None:
+    sim = simulators(parse_seconds=0.5, slow_parse_seconds=10, latency_ms=40)  # each call holds a process 40 ms
+    stack = stacks(redis_server, sim, "kill", concurrency=4, POTPIE_CALL_ATTEMPTS="1")
+    published = emissions(stack)
+    ids = submit_many(stack, [f"slow-parse/kill-{i}" for i in range(JOBS)])
+    follower = followers(stack.url)
+    follower.follow(ids)
+
+    client = stack.redis.client()
+    locks = f"psvc:{stack.env['QUEUE_NAME']}:job:*:lock"
+    held_at_kills, in_flight = [], []
+    for round_no in range(3):
+        worker = stack.workers[-1]
+        time.sleep(1.5)
+        in_flight.append(sum(1 for state in states(stack, ids) if state not in ("finished", "failed")))
+        held_at_kills.append(len(list(client.scan_iter(locks))))
+        os.kill(pool_children(worker.proc.pid)[0], signal.SIGKILL)  # type: ignore[union-attr]
+        time.sleep(1.0)
+        held_at_kills.append(len(list(client.scan_iter(locks))))
+        os.kill(worker.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]  # its prefetched steps die with it
+        stack.workers.append(start_worker(stack.env, f"kill-worker{round_no + 1}", concurrency=4))
+    assert in_flight[0] == JOBS and min(in_flight) > 0, f"jobs in flight at each round: {in_flight}"
+    assert any(held_at_kills), f"steps were running when the kills landed: {held_at_kills}"
+
+    bodies = wait_all_final(stack, ids, timeout=90)
+    assert [body["status"] for body in bodies] == ["finished"] * JOBS
+    assert all(body["attempts"] == 1 for body in bodies), "a crash is not a failed attempt"
+
+    # Exactly one analysis_complete published per job, and none failed.
+    assert published.jobs_with("analysis_complete") == {job_id: 1 for job_id in ids}
+    assert not published.jobs_with("analysis_error")
+    # A client over the network got each job's final event once, carrying the result /status serves.
+    time.sleep(0.5)
+    for job_id, body in zip(ids, bodies):
+        finals = follower.finals(job_id)
+        assert [name for name, _ in finals] == ["analysis_complete"], (job_id, finals)
+        assert finals[0][1]["data"] == body["result"]
+    # Potpie was asked to parse each repository once: a resumed job asks Potpie what it holds before asking again.
+    assert sim_stats(sim)["parse_calls"] == {f"slow-parse/kill-{i}@main": 1 for i in range(JOBS)}
+    # The kills were felt: the sweeper re-dispatched the steps the killed main processes held.
+    revived = [line for line in _worker_lines(stack) if "dispatching it again" in line.get("message", "")]
+    assert revived, "no step had to be revived: the kills hit nothing"
+
+
+def _worker_lines(stack) -> list[dict]:
+    import json
+
+    lines = []
+    for worker in stack.workers:
+        for raw in worker.log().splitlines():
+            if raw.startswith("{"):
+                try:
+                    lines.append(json.loads(raw))
+                except ValueError:  # a line cut short by the kill
+                    continue
+    return lines
