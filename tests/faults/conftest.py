@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -60,6 +61,9 @@ def stacks() -> Iterator[Callable[..., Stack]]:
         return made[-1]
 
     yield make
+    for stack in made:  # signal every process first, so they all shut down at once
+        for service in [stack.api, *stack.workers]:
+            service.signal(signal.SIGTERM)
     for stack in made:
         stack.stop()
 
