@@ -57,9 +57,14 @@ class Supervisor:
         self.proof = time.time()  # the stall clock: last heartbeat consumed, busy spell, or broker outage
 
     def busy(self) -> bool:
-        """Whether every pool process is running a task (so the heartbeat must wait its turn)."""
+        """Whether every pool process runs a task still within its time limit (so the heartbeat must wait)."""
         processes = getattr(self.consumer.pool, "num_processes", 0) or 1
-        return len(worker_state.active_requests) >= processes
+        horizon = time.time() - settings.task_time_limit - 30  # older than this, a "running" task is a wedge
+        try:
+            running = [r for r in tuple(worker_state.active_requests) if (r.time_start or time.time()) > horizon]
+        except RuntimeError:  # the main thread changed the set meanwhile; judge again next tick
+            return False
+        return len(running) >= processes
 
     def tick(self) -> bool:
         """One round; True when the worker is wedged and must exit."""
