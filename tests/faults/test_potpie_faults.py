@@ -18,7 +18,8 @@ from tests.stack import free_port
 
 pytestmark = pytest.mark.slow
 
-BAD_GATEWAY = b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center></body></html>"
+BAD_GATEWAY = (b"<html><head><title>502 Bad Gateway</title></head>"
+               b"<body><center><h1>502 Bad Gateway</h1></center></body></html>")
 
 
 class Gateway:

@@ -33,6 +33,7 @@ def test_sigterm_between_steps_exits_at_once_and_hands_back_scheduled_steps(redi
     took = time.monotonic() - started
     assert took < 5, f"a worker with no long step running took {took:.1f} s to stop"
     assert _queued(stack) >= len(ids) - 2, "the scheduled steps went back to the queue for other workers"
+    print(f"\nSIGTERM between steps: the worker exited after {took:.2f} s")
 
     stack.workers.append(start_worker(stack.env, "term-worker1"))
     bodies = wait_all_final(stack, ids, timeout=30)
@@ -63,6 +64,7 @@ def test_sigterm_during_a_long_step_cancels_it_after_the_grace_and_another_worke
     assert states(stack, [late]) == ["queued"] and _queued(stack) >= 1, "the stopping worker took a new job"
     cancelled = [line for line in worker.log().splitlines() if "cancelling them" in line]
     assert cancelled, "the long steps were cancelled, not waited for"
+    print(f"\nSIGTERM during ~27 s steps: cancelled after the {grace:.0f} s grace, exited after {took:.2f} s")
 
     sim_config(sim, latency_ms=0)
     stack.workers.append(start_worker(stack.env, "term-long-worker1"))
