@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 def test_api_sigterm_closes_sockets_and_clients_come_back_to_the_final_state(redis_server, simulators, stacks,
                                                                              followers) -> None:
-    # octocat/ jobs end while the API is down (~9-11 s), slow-parse/ ones after it is back (~17 s).
-    sim = simulators(parse_seconds=9.5, slow_parse_seconds=16)
+    # octocat/ jobs end while the API is down (~9-11 s), slow-parse/ ones after it is back (~14 s).
+    sim = simulators(parse_seconds=9.5, slow_parse_seconds=13)
     stack = stacks(redis_server, sim, "apirestart")
     front = start_api(stack.env, "apirestart-front")
     port = int(front.url.rsplit(":", 1)[1])  # type: ignore[attr-defined]

@@ -44,10 +44,10 @@ def test_sigterm_between_steps_exits_at_once_and_hands_back_scheduled_steps(redi
 
 def test_sigterm_during_a_long_step_cancels_it_after_the_grace_and_another_worker_finishes(
         redis_server, simulators, stacks, emissions) -> None:
-    # Every Potpie call hangs past REQUEST_TIMEOUT (4 s) and is tried 5 times: one step would run for ~27 s.
-    sim = simulators(parse_seconds=0.5, latency_ms=5000)
-    stack = stacks(redis_server, sim, "term-long", REQUEST_TIMEOUT="4000", POTPIE_CALL_ATTEMPTS="5")
-    grace = min(30.0, 4 + 5)  # workers/supervisor.py: shutdown_grace()
+    # Every Potpie call hangs past REQUEST_TIMEOUT (2 s) and is tried 5 times: one step would run for ~18 s.
+    sim = simulators(parse_seconds=0.5, latency_ms=3000)
+    stack = stacks(redis_server, sim, "term-long", REQUEST_TIMEOUT="2000", POTPIE_CALL_ATTEMPTS="5")
+    grace = min(30.0, 2 + 5)  # workers/supervisor.py: shutdown_grace()
     published = emissions(stack)
     ids = submit_many(stack, ["octocat/term-long-0", "octocat/term-long-1"])
     client = stack.redis.client()
@@ -64,7 +64,7 @@ def test_sigterm_during_a_long_step_cancels_it_after_the_grace_and_another_worke
     assert states(stack, [late]) == ["queued"] and _queued(stack) >= 1, "the stopping worker took a new job"
     cancelled = [line for line in worker.log().splitlines() if "cancelling them" in line]
     assert cancelled, "the long steps were cancelled, not waited for"
-    print(f"\nSIGTERM during ~27 s steps: cancelled after the {grace:.0f} s grace, exited after {took:.2f} s")
+    print(f"\nSIGTERM during ~18 s steps: cancelled after the {grace:.0f} s grace, exited after {took:.2f} s")
 
     sim_config(sim, latency_ms=0)
     stack.workers.append(start_worker(stack.env, "term-long-worker1"))
