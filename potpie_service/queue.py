@@ -1,6 +1,6 @@
 """Celery configured in one place, and the one way to schedule a job's step by task name.
 
-Every setting here is deliberate; the README's "Reliability" section explains each.
+Every setting here is deliberate; docs/reliability.md explains each (and the README's "Reliability" section).
 """
 
 from __future__ import annotations
