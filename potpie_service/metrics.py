@@ -263,6 +263,9 @@ class ApiMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
+QUIET_ROUTES = frozenset({"/livez", "/metrics"})
+
+
 def instrument(app: Flask, settings: Settings, store: JobStore, sockets: Any) -> ApiMetrics:
     """Attach the metrics to the app; time every request, log one access line for it, tag its log lines."""
     metrics = ApiMetrics(settings, store, sockets)
@@ -280,6 +283,8 @@ def instrument(app: Flask, settings: Settings, store: JobStore, sockets: Any) ->
         seconds = time.perf_counter() - started
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.observe_request(request.method, route, response.status_code, seconds)
+        if route in QUIET_ROUTES and response.status_code < 400:
+            return response  # probes and scrapes: measured above, not worth a log line each
         access.info("%s %s %s %.1f ms", request.method, route, response.status_code, seconds * 1000,
                     extra={"method": request.method, "route": route, "path": request.path,
                            "status": response.status_code, "duration_ms": round(seconds * 1000, 2),

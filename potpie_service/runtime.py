@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from celery import Celery
 
@@ -42,6 +43,18 @@ def _fan_out(*observers: Observe) -> Observe:
     return observe
 
 
+def _both(first: Callable[..., None], extra: Callable[..., None] | None) -> Callable[..., None]:
+    """Call `first`, then `extra` when given (an extra observer never replaces the metrics)."""
+    if extra is None:
+        return first
+
+    def call(*args: Any) -> None:
+        first(*args)
+        extra(*args)
+
+    return call
+
+
 def make_worker_runtime(settings: Settings, app: Celery, observer=None) -> WorkerRuntime:
     """Wire the pipeline for one worker process (call after the pool forks)."""
     store = make_store(settings)
@@ -51,7 +64,7 @@ def make_worker_runtime(settings: Settings, app: Celery, observer=None) -> Worke
     if settings.potpie_rate_limit > 0:
         limiter = TokenBucket(store.redis, f"{store.prefix}potpie-bucket", settings.potpie_rate_limit)
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout,
-                          attempts=settings.potpie_call_attempts, observer=observer or recorder.upstream,
+                          attempts=settings.potpie_call_attempts, observer=_both(recorder.upstream, observer),
                           stream=settings.potpie_stream, limiter=limiter)
     emitter = Emitter(settings)
     webhooks = WebhookNotifier(store, settings.webhook_secret, settings.webhook_allow_private,

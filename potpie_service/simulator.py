@@ -436,6 +436,7 @@ class _Handler(BaseHTTPRequestHandler):
     """Translates HTTP/1.1 keep-alive requests into Simulator.dispatch calls."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else each reply waits ~40 ms for the client's delayed ACK
     sim: Simulator
 
     def _handle(self) -> None:

@@ -125,13 +125,13 @@ def test_api_access_lines_carry_the_request_id(deployments: dict[str, Deployment
 
 def test_text_format_is_plain_text_with_the_request_id(deployments: dict[str, Deployment]) -> None:
     deployment = deployments["text"]
-    response = requests.get(deployment.url + "/livez", headers={"X-Request-ID": "text-req-1"}, timeout=5)
+    response = requests.get(deployment.url + "/", headers={"X-Request-ID": "text-req-1"}, timeout=5)
     assert response.status_code == 200
     lines = deployment.lines(deployment.api)
     for line in lines:
         with pytest.raises(json.JSONDecodeError):
             json.loads(line)
-    assert any(" INFO potpie_service.access: GET /livez 200 " in line and line.endswith("[request text-req-1]")
+    assert any(" INFO potpie_service.access: GET / 200 " in line and line.endswith("[request text-req-1]")
                for line in lines), lines
 
 
@@ -157,6 +157,7 @@ def test_gunicorn_own_lines_are_json_with_the_gunicorn_logger_class(redis_server
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/livez", timeout=1).ok, 20, what="gunicorn")
+            assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).ok
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(15)
@@ -164,7 +165,8 @@ def test_gunicorn_own_lines_are_json_with_the_gunicorn_logger_class(redis_server
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     gunicorn = [r["message"] for r in records if r["logger"] == "gunicorn.error"]
     assert any(m.startswith("Starting gunicorn") for m in gunicorn) and "Shutting down: Master" in gunicorn
-    assert any(r["logger"] == "potpie_service.access" and r["route"] == "/livez" for r in records)
+    assert any(r["logger"] == "potpie_service.access" and r["route"] == "/" for r in records)
+    assert not any(r["logger"] == "potpie_service.access" and r["route"] == "/livez" for r in records), "probes are quiet"
 
 
 def _string_constants(path: Path) -> list[str]:
