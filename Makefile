@@ -13,8 +13,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the pinned dependencies
-	@scripts/ensure-redis.sh
-	@scripts/ensure-chromium.sh
+	@scripts/ensure-tool.sh redis-server redis-server "the tests start throwaway Redis servers"
+	@scripts/ensure-tool.sh chromium chromium "the job board test runs in headless Chromium"
 	@scripts/ensure-helm.sh
 
 test: install ## the whole suite (starts its own throwaway Redis servers)
@@ -27,7 +27,7 @@ dev: install ## the whole stack in the foreground: Redis, simulator (without POT
 	$(PY) scripts/dev.py
 
 bench: install ## benchmarks; writes docs/performance.md
-	@scripts/ensure-wrk.sh
+	@scripts/ensure-tool.sh wrk wrk "the P1 benchmark load generator"
 	$(PY) -m bench.run
 
 lint: install

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> Report:
     pays for its Redis counter); one round with RATE_LIMIT=off shows what the limiter costs.
     """
     if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed: `make bench` installs it (scripts/ensure-wrk.sh)")
+        raise SystemExit("wrk is not installed: `make bench` installs it (scripts/ensure-tool.sh)")
     report = Report("P1 submit")
     server = RedisServer().start()
     queue = f"bench-p1-{uuid.uuid4().hex[:6]}"
