@@ -35,9 +35,11 @@ class PermanentPotpieError(PotpieError):
 class TransientPotpieError(PotpieError):
     """A failure that may pass (connection, timeout, 5xx, 429, a broken reply)."""
 
-    def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None,
+                 reached: bool = False) -> None:
         super().__init__(reason, status)
         self.retry_after = retry_after
+        self.reached = reached  # the request may have been processed (timeout, cut-off or malformed reply)
 
 
 @dataclass(frozen=True)
@@ -155,30 +157,35 @@ class PotpieClient:
             return response
         except requests.Timeout:
             outcome = "timeout"
-            raise TransientPotpieError(f"Potpie did not answer within {self.timeout:g} s") from None
+            raise TransientPotpieError(f"Potpie did not answer within {self.timeout:g} s", reached=True) from None
         except requests.ConnectionError as exc:
             outcome = "connection_error"
             raise TransientPotpieError(f"cannot reach Potpie at {self.base_url}: {type(exc).__name__}") from None
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
             outcome = "cut_off"
-            raise TransientPotpieError(f"Potpie's reply to {endpoint} ended mid-stream") from None
+            raise TransientPotpieError(f"Potpie's reply to {endpoint} ended mid-stream", reached=True) from None
         finally:
             if self.observer:
                 self.observer(endpoint, outcome, time.perf_counter() - started)
 
     def _call(self, endpoint: str, method: str, path: str, decode: Callable[[requests.Response], Any],
-              **kwargs: Any) -> Any:
+              repeatable: bool = True, **kwargs: Any) -> Any:
         def attempt() -> Any:
             response = self._once(endpoint, method, path, **kwargs)
             try:
                 return decode(response)
             except requests.RequestException:
-                raise TransientPotpieError("Potpie's reply was cut off") from None
+                raise TransientPotpieError("Potpie's reply was cut off", reached=True) from None
             except (ValueError, KeyError, TypeError):
-                raise TransientPotpieError(f"Potpie sent a malformed reply to {endpoint}") from None
+                raise TransientPotpieError(f"Potpie sent a malformed reply to {endpoint}", reached=True) from None
 
-        retrying = Retrying(stop=stop_after_attempt(self.attempts), wait=_wait,
-                            retry=retry_if_exception(_retry_inline), reraise=True)
+        def retry(error: BaseException) -> bool:
+            # A call that must not be repeated blindly (starting a parse) is retried here only when Potpie
+            # certainly did not process it; otherwise the job-level retry looks the project up first.
+            return _retry_inline(error) and (repeatable or not getattr(error, "reached", False))
+
+        retrying = Retrying(stop=stop_after_attempt(self.attempts), wait=_wait, retry=retry_if_exception(retry),
+                            reraise=True)
         return retrying(attempt)
 
     def submit_parse(self, repo: str, branch: str, github_token: str | None = None) -> tuple[str, str]:
@@ -186,7 +193,7 @@ class PotpieClient:
         body = {"repo_name": repo, "branch_name": branch}
         if github_token:
             body["github_token"] = github_token  # hosted Potpie ignores it; self-hosted forks use it
-        data = self._call("parse", "POST", "/api/v2/parse", lambda r: r.json(), json=body)
+        data = self._call("parse", "POST", "/api/v2/parse", lambda r: r.json(), repeatable=False, json=body)
         return str(data["project_id"]), str(data.get("status") or "submitted")
 
     def find_project(self, repo: str, branch: str) -> str | None:

@@ -87,11 +87,20 @@ def test_parse_stuck_past_parse_timeout_fails_with_reason(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("repo", ["flaky/inline", "rate-limited/inline", "bad-json/inline",
-                                  "truncated-stream/inline", "timeout/inline"])
+                                  "truncated-stream/inline"])
 def test_transient_failures_are_retried_inside_the_step(stack: Stack, repo: str) -> None:
     final = stack.wait_final(stack.submit(repo)["job_id"], timeout=40)
     assert final["status"] == "finished", final
     assert final["attempts"] == 1, "tenacity absorbed the failure without a job-level retry"
+
+
+def test_parse_that_timed_out_is_looked_up_not_requested_again(stack: Stack, sim_stats) -> None:
+    # The first POST /parse hangs past REQUEST_TIMEOUT but Potpie did create the project: the step does not
+    # repeat the request; the job-level retry asks Potpie by repo first and finds it.
+    final = stack.wait_final(stack.submit("timeout/lookup")["job_id"], timeout=40)
+    assert final["status"] == "finished", final
+    assert final["attempts"] == 2
+    assert sim_stats()["parse_calls"]["timeout/lookup@main"] == 1
 
 
 def test_malformed_agent_json_keeps_the_raw_text(stack: Stack) -> None:
