@@ -316,8 +316,6 @@ class Simulator:
             raise ApiError(500, "Internal server error")
         if scenario == "rate-limited" and first:
             raise ApiError(429, "Too many requests", {"Retry-After": "1"})
-        if scenario == "timeout" and first:
-            time.sleep(self.config.hang_seconds)
         with self._lock:
             existing = self.projects.get(self.by_key.get(key, ""))
             if existing is not None and (status := self.status_of(existing)) != "error":
@@ -325,6 +323,8 @@ class Simulator:
             project = Project(str(uuid.uuid4()), repo, branch, commit, scenario)
             self.projects[project.id] = project
             self.by_key[key] = project.id
+        if scenario == "timeout" and first:  # the project is saved, the answer is slow (as a busy server)
+            time.sleep(self.config.hang_seconds)
         return Reply(body={"project_id": project.id, "status": "submitted"})
 
     def _status_reply(self, project: Project, missing: str, payload: dict[str, Any]) -> Reply:
