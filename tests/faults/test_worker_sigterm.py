@@ -44,12 +44,15 @@ def test_sigterm_between_steps_exits_at_once_and_hands_back_scheduled_steps(redi
 
 def test_sigterm_during_a_long_step_cancels_it_after_the_grace_and_another_worker_finishes(
         redis_server, simulators, stacks, emissions) -> None:
-    # Every Potpie call hangs past REQUEST_TIMEOUT (2 s) and is tried 5 times: one step would run for ~18 s.
-    sim = simulators(parse_seconds=0.5, latency_ms=3000)
+    # Once the parses are submitted, every Potpie call hangs past REQUEST_TIMEOUT (2 s) and is tried 5 times
+    # in-step (status polls are safe to repeat): one step would run for ~18 s.
+    sim = simulators(parse_seconds=30)
     stack = stacks(redis_server, sim, "term-long", REQUEST_TIMEOUT="2000", POTPIE_CALL_ATTEMPTS="5")
     grace = min(30.0, 2 + 5)  # workers/supervisor.py: shutdown_grace()
     published = emissions(stack)
     ids = submit_many(stack, ["octocat/term-long-0", "octocat/term-long-1"])
+    wait_for(lambda: states(stack, ids) == ["parsing", "parsing"], 10, what="both parses submitted")
+    sim_config(sim, latency_ms=3000, parse_seconds=0.5)
     client = stack.redis.client()
     locks = [f"psvc:{stack.env['QUEUE_NAME']}:job:{job_id}:lock" for job_id in ids]
     wait_for(lambda: client.exists(*locks) == 2, 10, what="both steps to be running")
