@@ -139,6 +139,15 @@ local seq = redis.call('HINCRBY', key, 'event_seq', 2) - 1
 return {seq, admit(prefix, tonumber(ARGV[5]), now)}
 """
 
+# ARGV: job key, position. A job still queued records the position it is told and takes the next event seq;
+# any other (started, ended, expired) is left untouched, so no seq is spent and no expired record comes back.
+_ANNOUNCE = """
+if redis.call('HGET', ARGV[1], 'status') ~= 'queued' then return {} end
+redis.call('HSET', ARGV[1], 'announced_position', ARGV[2])
+redis.call('HINCRBY', ARGV[1], 'event_seq', 1)
+return redis.call('HGETALL', ARGV[1])
+"""
+
 # ARGV: prefix, max, now
 _ADMIT_ONLY = _ADMIT + "return admit(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))"
 
@@ -196,6 +205,7 @@ class JobStore:
         self._commit = client.register_script(_COMMIT)
         self._finish = client.register_script(_FINISH)
         self._admit = client.register_script(_ADMIT_ONLY)
+        self._announce = client.register_script(_ANNOUNCE)
         self._renew = client.register_script(_RENEW)
 
     def key(self, job_id: str) -> str:
@@ -278,6 +288,16 @@ class JobStore:
     def renew(self, job_id: str, token: str, ttl_s: float) -> bool:
         """Extend the step lease `token` by `ttl_s`; False when the lease is no longer this token's."""
         return bool(self._renew(args=[self.prefix, job_id, token, int(ttl_s * 1000)]))
+
+    def announce_positions(self, moved: list[tuple[str, int]]) -> list[dict[str, str]]:
+        """Record each waiting job's new position and take an event seq for it, in one round trip.
+
+        Returns the updated records, an empty dict for a job no longer queued.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, position in moved:
+            self._announce(args=[self.key(job_id), position], client=pipe)
+        return [dict(zip(flat[::2], flat[1::2])) for flat in pipe.execute()]
 
     def drop_active(self, job_id: str) -> None:
         """Free the slot of a job whose record is gone."""

@@ -27,18 +27,11 @@ def announce(store: JobStore, emit: EmitFn, slots: int, limit: int = 100) -> int
     if not moved:
         return 0
     durations = store.recent_durations()
-    pipe = store.redis.pipeline(transaction=False)
-    for job_id, position in moved:
-        pipe.hset(store.key(job_id), "announced_position", position)
-        pipe.hincrby(store.key(job_id), "event_seq", 1)
-        pipe.hgetall(store.key(job_id))
-    replies = pipe.execute()
     now = time.time()
-    for index, (job_id, position) in enumerate(moved):
-        seq, record = replies[3 * index + 1], replies[3 * index + 2]
-        if record.get("status") != "queued":
-            continue
+    for (job_id, position), record in zip(moved, store.announce_positions(moved)):
+        if not record:
+            continue  # started, ended or expired since the line was read
         extra: dict[str, Any] = {"queue_position": position,
                                  "eta_seconds": analysis.eta_seconds("queued", position, None, durations, slots, now)}
-        emit(job_id, [(STATUS_UPDATE, status_update(record, int(seq), **extra))])
+        emit(job_id, [(STATUS_UPDATE, status_update(record, int(record["event_seq"]), **extra))])
     return len(moved)
