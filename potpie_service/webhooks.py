@@ -18,6 +18,9 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .events import final_events
 
@@ -39,6 +42,10 @@ def _addresses(host: str, port: int) -> set[str]:
         raise UnsafeCallbackUrl(f"callback_url host {host!r} does not resolve") from None
 
 
+def _is_public(address: str) -> bool:
+    return ipaddress.ip_address(address.split("%")[0]).is_global
+
+
 def check_url(url: str, allow_private: bool) -> str:
     """The URL when it is http(s) and (unless allowed) resolves only to public addresses."""
     if not isinstance(url, str) or len(url) > MAX_URL_LENGTH:
@@ -49,7 +56,7 @@ def check_url(url: str, allow_private: bool) -> str:
     if not allow_private:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         for address in _addresses(parts.hostname, port):
-            if not ipaddress.ip_address(address.split("%")[0]).is_global:
+            if not _is_public(address):
                 raise UnsafeCallbackUrl("callback_url points at a private, loopback or reserved address "
                                         "(set WEBHOOK_ALLOW_PRIVATE=true to allow it)")
     return url
@@ -70,6 +77,45 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str, tolerance: 
     return fresh and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
+class _PublicPeerOnly:
+    """Checks the address actually connected to, before a byte (or a TLS hello) is sent: the URL was
+    checked when it was submitted and again before delivery, but the connection resolves the name once
+    more, and a DNS answer that changed in between (rebinding) must not reach a private address."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()  # type: ignore[misc]
+        peer = sock.getpeername()[0]
+        if not _is_public(peer):
+            sock.close()
+            raise UnsafeCallbackUrl("callback_url resolved to a private, loopback or reserved address "
+                                    "when connecting")
+        return sock
+
+
+class _PublicHTTPPool(HTTPConnectionPool):
+    ConnectionCls = type("PublicHTTPConnection", (_PublicPeerOnly, HTTPConnection), {})
+
+
+class _PublicHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = type("PublicHTTPSConnection", (_PublicPeerOnly, HTTPSConnection), {})
+
+
+class _PublicOnlyAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _PublicHTTPPool, "https": _PublicHTTPSPool}
+
+
+def _session(allow_private: bool) -> requests.Session:
+    session = requests.Session()
+    if not allow_private:
+        # no proxy: a proxy would resolve the name itself, out of reach of the check above
+        session.trust_env = False
+        for scheme in ("http://", "https://"):
+            session.mount(scheme, _PublicOnlyAdapter())
+    return session
+
+
 def deliver(url: str, event: str, payload: dict[str, Any], secret: str, allow_private: bool,
             timeout: float = 10.0) -> int:
     """POST the event once; return the HTTP status, raise on a network error or a non-2xx answer."""
@@ -80,7 +126,8 @@ def deliver(url: str, event: str, payload: dict[str, Any], secret: str, allow_pr
                TIMESTAMP_HEADER: timestamp, "X-Potpie-Event": event, "X-Potpie-Delivery": uuid.uuid4().hex}
     if secret:
         headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
-    response = requests.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+    with _session(allow_private) as session:
+        response = session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
     if not 200 <= response.status_code < 300:
         raise requests.HTTPError(f"webhook answered {response.status_code}")
     return response.status_code
