@@ -467,6 +467,20 @@ def test_security_headers_on_every_response(secured: Secured, method: str, path:
         assert set(response.headers["Allow"].split(", ")) >= {"POST"}
 
 
+def test_security_headers_on_socketio_answers(secured: Secured) -> None:
+    """engine.io answers outside Flask's after_request: a handshake and a refused transport carry them too."""
+    handshake = secured.call("GET", "/socket.io/?EIO=4&transport=polling", key=None)
+    refused = secured.call("GET", "/socket.io/?EIO=4&transport=carrier-pigeon", key=None)
+    assert handshake.status_code == 200 and handshake.text.startswith("0{"), handshake.text
+    assert refused.status_code == 400
+    for response in (handshake, refused):
+        for name, value in SECURITY_HEADERS.items():
+            assert response.headers.get(name) == value, (name, response.headers)
+    behind_tls = secured.call("GET", "/socket.io/?EIO=4&transport=polling", key=None,
+                              headers={"X-Forwarded-Proto": "https"})
+    assert behind_tls.headers["Strict-Transport-Security"].startswith("max-age=31536000")
+
+
 def test_hsts_when_served_behind_tls(secured: Secured) -> None:
     response = secured.call("GET", "/livez", key=None, headers={"X-Forwarded-Proto": "https"})
     assert response.headers["Strict-Transport-Security"].startswith("max-age=31536000")

@@ -47,15 +47,27 @@ class ApiContext:
     socketio: SocketIO
 
 
-def _security_headers(response: Response) -> Response:
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
-    response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
-    response.headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
-    if request.is_secure or request.headers.get("X-Forwarded-Proto") == "https":
-        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
-    return response
+class _SecurityHeaders:
+    """WSGI layer over everything, engine.io included (its `/socket.io/` answers never pass through Flask's
+    after_request): adds the headers a response lacks, so a view may set its own (the board's CSP)."""
+
+    BASE = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"),
+            ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+            ("Cross-Origin-Resource-Policy", "same-origin"))
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            present = {name.lower() for name, _ in headers}
+            headers.extend((name, value) for name, value in self.BASE if name.lower() not in present)
+            secure = environ.get("wsgi.url_scheme") == "https" or environ.get("HTTP_X_FORWARDED_PROTO") == "https"
+            if secure and "strict-transport-security" not in present:
+                headers.append(("Strict-Transport-Security", "max-age=31536000; includeSubDomains"))
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start)
 
 
 def _socket_origins(configured: tuple[str, ...]) -> Any:
@@ -94,7 +106,7 @@ def _install_hooks(app: Flask, settings: Settings) -> None:
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-API-Key"
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             response.headers["Vary"] = "Origin"
-        return _security_headers(response)
+        return response
 
     @app.errorhandler(ApiError)
     def api_error(error: ApiError) -> Any:
@@ -161,6 +173,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     _install_hooks(app, settings)
     instrument(app, settings, store, count)  # /metrics data, request latency, access log
     init_rate_limits(app, settings, auth, routes.presented_key)
+    app.wsgi_app = _SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]
     if settings.trusted_proxies:  # client IP and scheme from X-Forwarded-* set by that many proxies in front
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]
                                 x_proto=settings.trusted_proxies)
