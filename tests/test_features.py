@@ -61,6 +61,8 @@ def test_queue_position_and_eta_in_answer_status_and_events(fifo_stack: Stack) -
     assert status["queue_position"] == 2 and status["eta_seconds"] == pytest.approx(third["eta_seconds"], rel=0.5)
     client, events = follow(fifo_stack, third["job_id"])
     try:
+        # the join's replay comes before its ack, but the client handles each message in a thread of its own
+        wait_for(lambda: events, 5, what="the join's replay")
         first = events[0][1]
         assert first["status"] == "queued" and first["queue_position"] == 2 and first["eta_seconds"] > 0
         wait_for(lambda: any(e[1].get("queue_position") == 1 for e in events), 15, what="position 1 pushed")

@@ -93,6 +93,13 @@ def test_job_counts_are_exact_and_identical_on_both_api_processes(apis: tuple[St
         ids.append(response.json()["job_id"])
     finals = [stack.wait_final(job_id)["status"] for job_id in ids]
     assert finals == ["finished", "finished", "failed", "failed", "failed"]
+
+    def ends(samples: Samples) -> float:
+        name = "potpie_job_duration_seconds_count"
+        return sum(delta(samples, before, name, status=status) for status in ("finished", "failed"))
+
+    # the worker records a job's end in the metrics just after it writes the final state wait_final saw
+    wait_for(lambda: ends(scrape(stack.url)) >= 5, 10, what="the 5 ends in the metrics")
     first, other = scrape(stack.url), scrape(second.url)
 
     assert cluster(first) == cluster(other)  # read from Redis: the same on every API process, nothing doubled

@@ -324,6 +324,8 @@ def test_github_token_reaches_potpie_but_is_never_stored_logged_or_shown(secured
     for task_id in list(tasks)[:20]:
         info = requests.get(f"{secured.flower_url}/api/task/info/{task_id}", auth=FLOWER_AUTH, timeout=5)
         assert info.ok and marker not in info.text
+    # /status said finished; the event travels on through Redis, the API and the socket
+    wait_for(lambda: any(name == "analysis_complete" for name, _ in events), 10, what="the analysis_complete event")
     watcher.disconnect()
     assert any(name == "analysis_complete" for name, _ in events), events
     assert marker not in json.dumps(events), "token in a Socket.IO event"

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.faults.conftest import log_lines, sim_stats, wait_all_final, worker_health
-from tests.stack import free_port
+from tests.stack import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +98,7 @@ def test_potpie_unreachable_then_up(redis_server, simulators, stacks) -> None:
     assert len(ended) == 1 and "cannot reach Potpie" in ended[0]["message"], "one structured line says why"
 
     job_id = stack.submit("octocat/refused-then-up")["job_id"]
-    time.sleep(0.3)  # its first attempt is refused
+    wait_for(lambda: stack.status(job_id)["status"] == "retrying", 10, what="its first attempt to be refused")
     sim = simulators(port=port, parse_seconds=0.5)
     final = stack.wait_final(job_id, timeout=30)
     assert final["status"] == "finished" and 2 <= final["attempts"] <= 5, final

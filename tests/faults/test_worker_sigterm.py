@@ -24,7 +24,9 @@ def test_sigterm_between_steps_exits_at_once_and_hands_back_scheduled_steps(redi
     published = emissions(stack)
     ids = submit_many(stack, [f"slow-parse/term-{i}" for i in range(10)])
     wait_for(lambda: all(state == "parsing" for state in states(stack, ids)), 10, what="every job to be parsing")
-    assert _queued(stack) == 0, "the worker holds every job's next poll (scheduled with a countdown)"
+    # the last job's first poll is enqueued just after its state was written, then the worker takes it
+    wait_for(lambda: _queued(stack) == 0, 5, what="the worker to hold every job's next poll (scheduled with a "
+                                                  "countdown)")
 
     worker = stack.workers[0]
     started = time.monotonic()
@@ -38,6 +40,7 @@ def test_sigterm_between_steps_exits_at_once_and_hands_back_scheduled_steps(redi
     stack.workers.append(start_worker(stack.env, "term-worker1"))
     bodies = wait_all_final(stack, ids, timeout=30)
     assert [body["status"] for body in bodies] == ["finished"] * len(ids)
+    wait_for(lambda: len(published.jobs_with("analysis_complete")) >= len(ids), 10, what="the published ends")
     assert published.jobs_with("analysis_complete") == {job_id: 1 for job_id in ids}
     assert sim_stats(sim)["parse_calls"] == {f"slow-parse/term-{i}@main": 1 for i in range(10)}
 
@@ -73,4 +76,5 @@ def test_sigterm_during_a_long_step_cancels_it_after_the_grace_and_another_worke
     stack.workers.append(start_worker(stack.env, "term-long-worker1"))
     bodies = wait_all_final(stack, [*ids, late], timeout=40)
     assert [body["status"] for body in bodies] == ["finished"] * 3
+    wait_for(lambda: len(published.jobs_with("analysis_complete")) >= 3, 10, what="the published ends")
     assert published.jobs_with("analysis_complete") == {job_id: 1 for job_id in [*ids, late]}
