@@ -30,8 +30,8 @@ bench: install ## benchmarks; writes docs/performance.md
 	@scripts/ensure-tool.sh wrk wrk "the P1 benchmark load generator"
 	$(PY) -m bench.run
 
-lint: install
-	$(PY) -m ruff check potpie_service workers tests || true
+lint: install ## pyflakes, pycodestyle and bugbear rules (ruff.toml)
+	$(PY) -m ruff check potpie_service workers tests bench scripts
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache

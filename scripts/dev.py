@@ -53,7 +53,7 @@ def main() -> int:
 
     if not reachable(settings.redis_url):
         if env.get("REDIS_URL"):
-            print(f"make dev: REDIS_URL is set but Redis does not answer there", file=sys.stderr)
+            print("make dev: REDIS_URL is set but Redis does not answer there", file=sys.stderr)
             return 2
         port = settings.redis_port
         binary = shutil.which("redis-server")

@@ -389,7 +389,7 @@ def test_k8s_selectors_and_references_resolve():
     def matches(selector):
         return [n for n, labels in pod_labels.items() if selector.items() <= labels.items()]
 
-    for (kind, name), doc in objs.items():
+    for (kind, _name), doc in objs.items():
         if kind == "Service":
             (target,) = matches(doc["spec"]["selector"])
             port_names = {p["name"] for p in container(deployments[target])["ports"]}
@@ -415,7 +415,7 @@ def test_k8s_selectors_and_references_resolve():
 
 def test_k8s_pods_are_hardened():
     objs = k8s_by_kind_name()
-    for (kind, name), d in objs.items():
+    for (kind, _name), d in objs.items():
         if kind != "Deployment":
             continue
         spec = d["spec"]["template"]["spec"]

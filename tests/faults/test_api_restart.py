@@ -42,7 +42,7 @@ def test_api_sigterm_closes_sockets_and_clients_come_back_to_the_final_state(red
     try:
         bodies = wait_all_final(stack, ids, timeout=30)
         for client in clients:
-            for job_id, body in zip(ids, bodies):
+            for job_id in ids:
                 wait_for(lambda: client.finals(job_id), 10, what=f"the final event of {job_id}")
         time.sleep(0.3)  # anything late would show up now
         for client in clients:
