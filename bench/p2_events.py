@@ -1,7 +1,8 @@
 """P2 event latency: a worker's state change to a networked Socket.IO client, against Redis PUBLISH -> SUBSCRIBE.
 
 Latency = the client's receive time minus the payload's `timestamp`, which the worker stamps when it builds the
-event right after committing the state change. `timestamp` has millisecond resolution (truncated), so each sample
+event just before the commit script that writes the state change and publishes the event (so the commit's round
+trip is counted too). `timestamp` has millisecond resolution (truncated), so each sample
 reads 0-1 ms high; the baseline is stamped and read the same way, so both carry the same bias.
 """
 

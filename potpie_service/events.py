@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import Any, Mapping, Protocol
 
@@ -12,6 +13,7 @@ import socketio
 
 from .config import Settings
 from .connections import redis_options
+from .jobs import Broadcast
 from .model import MESSAGES, JobStatus
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,8 @@ ANALYSIS_COMPLETE = "analysis_complete"
 ANALYSIS_ERROR = "analysis_error"
 JOIN_PROJECT = "join_project"
 LEAVE_PROJECT = "leave_project"
+# python-socketio servers relay pub/sub messages from any host id but their own: no server has this one
+STORE_HOST_ID = "potpie-service-store"
 
 
 def now_iso() -> str:
@@ -105,6 +109,18 @@ def replay(job: Mapping[str, str], queue_position: int | None,
                  "retry_in": round(max(0.0, float(job.get("next_due") or 0) - time.time()), 3),
                  "error": job.get("last_error") or ""}
     return [(STATUS_UPDATE, status_update(job, seq, **extra))]
+
+
+def broadcast(settings: Settings, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> Broadcast:
+    """`events` for the job's room as python-socketio's Redis manager publishes them (its 5.x message), for the
+    store to publish in the script that commits them; each `seq` is left as a marker the script fills in
+    (the first event gets the seq it takes, the next one seq + 1)."""
+    nonce = uuid.uuid4().hex
+    messages = tuple(json.dumps({"method": "emit", "event": name, "data": [{**payload, "seq": f"@seq:{nonce}"}],
+                                 "binary": False, "namespace": "/", "room": room(job_id), "skip_sid": None,
+                                 "callback": None, "host_id": STORE_HOST_ID}, separators=(",", ":"))
+                     for name, payload in events)
+    return Broadcast(channel(settings), nonce, messages)
 
 
 class Emit(Protocol):

@@ -92,11 +92,26 @@ if not redis.call('SET', key .. ':lock', ARGV[4], 'NX', 'PX', ARGV[5]) then retu
 return {'ok', redis.call('HGETALL', key)}
 """
 
-# ARGV: prefix, id, token, now, mode (state|progress|none), throttle s, keep lease ms (0: free it), field, value...
-_COMMIT = """
+# Publishing in the script that takes the seq makes a state change and its announcement one atomic step:
+# no crash in between can commit a change without telling the job's room, or tell of one that was refused.
+_BROADCAST = """
+local function broadcast(channel, nonce, seq, first, count)
+  if channel == '' then return end
+  local marker = '"@seq:' .. nonce .. '"'
+  for i = 0, count - 1 do
+    if ARGV[first + i] ~= '' then
+      redis.call('PUBLISH', channel, (string.gsub(ARGV[first + i], marker, tostring(seq + i))))
+    end
+  end
+end
+"""
+
+# ARGV: prefix, id, token, now, mode (state|progress|none), throttle s, keep lease ms (0: free it),
+#       channel, nonce, message ('' for none), field, value...
+_COMMIT = _BROADCAST + """
 local key = ARGV[1] .. 'job:' .. ARGV[2]
 if redis.call('GET', key .. ':lock') ~= ARGV[3] then return -1 end
-redis.call('HSET', key, unpack(ARGV, 8))
+redis.call('HSET', key, unpack(ARGV, 11))
 if ARGV[7] == '0' then redis.call('DEL', key .. ':lock') else redis.call('PEXPIRE', key .. ':lock', ARGV[7]) end
 local mode = ARGV[5]
 if mode == 'none' then return 0 end
@@ -105,18 +120,21 @@ if mode == 'progress' then
   if tonumber(ARGV[4]) - last < tonumber(ARGV[6]) then return 0 end
 end
 redis.call('HSET', key, 'emitted_at', ARGV[4])
-return redis.call('HINCRBY', key, 'event_seq', 1)
+local seq = redis.call('HINCRBY', key, 'event_seq', 1)
+broadcast(ARGV[8], ARGV[9], seq, 10, 1)
+return seq
 """
 
-# ARGV: prefix, id, token ('' = no lease check), now, max, ttl, final set name, field, value, ...
-_FINISH = _ADMIT + """
+# ARGV: prefix, id, token ('' = no lease check), now, max, ttl, final set name,
+#       channel, nonce, message, message ('' for none), field, value, ...
+_FINISH = _ADMIT + _BROADCAST + """
 local prefix, id, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
 local key = prefix .. 'job:' .. id
 if redis.call('EXISTS', key) == 0 then return {-2, {}} end
 if ARGV[3] ~= '' and redis.call('GET', key .. ':lock') ~= ARGV[3] then return {-1, {}} end
 local status = redis.call('HGET', key, 'status')
 if status == 'finished' or status == 'failed' or status == 'cancelled' then return {-3, {}} end
-redis.call('HSET', key, unpack(ARGV, 8))
+redis.call('HSET', key, unpack(ARGV, 12))
 redis.call('DEL', key .. ':lock', prefix .. 'secret:' .. id)
 redis.call('ZREM', prefix .. 'active', id)
 redis.call('ZREM', prefix .. 'waiting', id)
@@ -136,6 +154,7 @@ if ARGV[7] == 'finished' then
 end
 redis.call('HSET', key, 'emitted_at', now)
 local seq = redis.call('HINCRBY', key, 'event_seq', 2) - 1
+broadcast(ARGV[8], ARGV[9], seq, 10, 2)
 return {seq, admit(prefix, tonumber(ARGV[5]), now)}
 """
 
@@ -181,6 +200,21 @@ class Dedup:
     idempotency_key: str = ""  # client's Idempotency-Key
     request_hash: str = ""     # what the Idempotency-Key was first used for
     idempotency_ttl: int = 86400
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Messages the store PUBLISHes on `channel` in the script that takes their event seq (commit, finish).
+    In message i, the JSON string `"@seq:<nonce>"` becomes the number seq + i."""
+
+    channel: str = ""
+    nonce: str = ""
+    messages: tuple[str, ...] = ()
+
+    def args(self, slots: int) -> list[str]:
+        if len(self.messages) > slots:
+            raise ValueError(f"at most {slots} messages")
+        return [self.channel, self.nonce, *self.messages, *[""] * (slots - len(self.messages))]
 
 
 def _flatten(fields: dict[str, Any]) -> list[str]:
@@ -247,24 +281,28 @@ class JobStore:
         return "ok", dict(zip(flat[::2], flat[1::2]))
 
     def commit(self, job_id: str, token: str, fields: dict[str, Any], mode: str = "state",
-               keep_lease: bool = False, lease_s: float = 0, throttle_s: float = 0.25) -> int:
-        """Write a step's outcome, keeping or freeing the lease; return the event seq to emit (0: none, -1: lost)."""
+               keep_lease: bool = False, lease_s: float = 0, throttle_s: float = 0.25,
+               broadcast: Broadcast = Broadcast()) -> int:
+        """Write a step's outcome, keeping or freeing the lease, and publish `broadcast` when it takes an event
+        seq; return that seq (0: none taken, throttled; -1: the lease was lost, nothing written)."""
         keep_ms = int(lease_s * 1000) if keep_lease else 0
         return int(self._commit(args=[self.prefix, job_id, token, time.time(), mode, throttle_s, keep_ms,
-                                      *_flatten(fields)]))
+                                      *broadcast.args(1), *_flatten(fields)]))
 
     def mark(self, job_id: str, **fields: Any) -> None:
         """Set fields of a job record outside a step commit (e.g. a note written before a Potpie call)."""
         self.redis.hset(self.key(job_id), mapping={k: str(v) for k, v in fields.items()})
 
-    def finish(self, job_id: str, token: str, status: JobStatus, fields: dict[str, Any]) -> tuple[int, list[str]]:
-        """End a job: write it, free its slot, set its TTL, delete its token; return (first event seq, admitted)."""
+    def finish(self, job_id: str, token: str, status: JobStatus, fields: dict[str, Any],
+               broadcast: Broadcast = Broadcast()) -> tuple[int, list[str]]:
+        """End a job: write it, free its slot, set its TTL, delete its token, publish `broadcast` (two messages
+        at most: seq and seq + 1); return (first event seq, admitted), a negative seq when nothing was done."""
         final_set = "finished" if status is JobStatus.FINISHED else "failed"
         if status is JobStatus.CANCELLED:
             final_set = "cancelled"
         seq, admitted = self._finish(args=[self.prefix, job_id, token, time.time(), self.max_concurrent,
-                                           self.ttl[status], final_set, "status", status.value,
-                                           *_flatten(fields)])
+                                           self.ttl[status], final_set, *broadcast.args(2), "status",
+                                           status.value, *_flatten(fields)])
         return int(seq), list(admitted)
 
     def admit(self) -> list[str]:

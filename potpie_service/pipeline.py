@@ -23,7 +23,7 @@ import redis
 from . import analysis
 from .analysis import Step
 from .config import Settings
-from .events import final_events, now_iso, status_update
+from .events import broadcast, final_events, now_iso, status_update
 from .jobs import JobStore
 from .model import MESSAGES, JobStatus, can_move
 from .potpie import PermanentPotpieError, PotpieClient, TransientPotpieError
@@ -31,7 +31,6 @@ from .potpie import PermanentPotpieError, PotpieClient, TransientPotpieError
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[str, int, float], None]  # (job_id, seq, countdown seconds)
-EmitFn = Callable[[str, list], None]  # (job_id, [(event, payload)])
 Observe = Callable[[str, dict[str, str]], None]  # (what happened, job record after it): metrics, webhooks
 
 
@@ -105,13 +104,12 @@ class LeaseKeeper:
 class Pipeline:
     """Drives jobs through Potpie; shared by every task execution of a worker process."""
 
-    def __init__(self, settings: Settings, store: JobStore, potpie: PotpieClient, emit: EmitFn,
-                 dispatch: Dispatch, reveal_token: Callable[[str], str | None], observe: Observe = _ignore) -> None:
+    def __init__(self, settings: Settings, store: JobStore, potpie: PotpieClient, dispatch: Dispatch,
+                 reveal_token: Callable[[str], str | None], observe: Observe = _ignore) -> None:
         self.settings = settings
         self.observe = observe
         self.store = store
         self.potpie = potpie
-        self.emit = emit
         self.dispatch = dispatch
         self.reveal_token = reveal_token
         self.lease_s = lease_ttl(settings)
@@ -169,7 +167,8 @@ class Pipeline:
         if step is Step.CREATE_CONVERSATION:
             conversation_id = self.potpie.create_conversation(job["potpie_project_id"])
             return Advance(JobStatus.PROCESSING_CONVERSATIONS,
-                           {**working, "conversation_id": conversation_id, "progress": analysis.PROGRESS["conversation"],
+                           {**working, "conversation_id": conversation_id,
+                            "progress": analysis.PROGRESS["conversation"],
                             "message": "Asking Potpie's codebase agent the question..."})
         if step is Step.ASK_QUESTION:
             reply = self.potpie.send_message(job["conversation_id"], analysis.question_of(job))
@@ -259,16 +258,17 @@ class Pipeline:
                   "next_due": time.time() + change.wait}
         if current is not change.status:
             fields["status_since"] = time.time()  # when the job entered this state (metrics: time per state)
-        event_seq = self.store.commit(job["id"], token, fields, mode, keep_lease=keep, lease_s=self.lease_s)
+        after = {**job, **{k: str(v) for k, v in fields.items()}}
+        news = broadcast(self.settings, job["id"], [("status_update", status_update(after, 0, **change.event_extra))])
+        event_seq = self.store.commit(job["id"], token, fields, mode, keep_lease=keep, lease_s=self.lease_s,
+                                      broadcast=news)  # published by the commit itself, unless throttled
         if event_seq < 0:
             log.warning("lost the step lease; another delivery owns the job", extra={"job_id": job["id"]})
             return False
         previous, since = job.get("status"), job.get("status_since") or job.get("created_ts", "")
-        job.update({k: str(v) for k, v in fields.items()})
+        job.update(after)
         if previous != change.status.value:
             self.observe("transition", {**job, "previous_status": previous or "", "previous_since": since})
-        if event_seq:
-            self.emit(job["id"], [("status_update", status_update(job, event_seq, **change.event_extra))])
         if change.status is JobStatus.RETRYING:
             log.warning("attempt failed, retrying: %s", job.get("last_error"), extra={"job_id": job["id"]})
         return True
@@ -279,13 +279,14 @@ class Pipeline:
             change.fields.setdefault("finished_at", now_iso())
             change.fields.setdefault("message", change.fields["failed_reason"])
             log.error("job failed: %s", change.fields["failed_reason"], extra={"job_id": job["id"]})
-        seq, admitted = self.store.finish(job["id"], token, change.status, change.fields)
+        after = {**job, **{k: str(v) for k, v in change.fields.items()}, "status": change.status.value}
+        news = broadcast(self.settings, job["id"], final_events(after, 0))
+        seq, admitted = self.store.finish(job["id"], token, change.status, change.fields, broadcast=news)
         if seq < 0:
             log.warning("could not end the job (lease lost or already ended)", extra={"job_id": job["id"]})
             return
         previous, since = job.get("status", ""), job.get("status_since") or job.get("created_ts", "")
-        job.update({k: str(v) for k, v in change.fields.items()}, status=change.status.value)
-        self.emit(job["id"], final_events(job, seq))
+        job.update(after)
         self.observe("ended", {**job, "previous_status": previous, "previous_since": since})
         for admitted_id in admitted:
             self.dispatch(admitted_id, 0, 0)

@@ -1,4 +1,4 @@
-"""Builds the long-lived objects of a process (store, Potpie client, emitter, pipeline) from Settings, once."""
+"""Builds the long-lived objects of a process (store, Potpie client, pipeline) from Settings, once."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from celery import Celery
 
 from .config import Settings
 from .connections import make_redis
-from .events import Emitter
 from .jobs import JobStore
 from .metrics import MetricsRecorder
 from .pipeline import Observe, Pipeline
@@ -66,10 +65,9 @@ def make_worker_runtime(settings: Settings, app: Celery, observer=None) -> Worke
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout,
                           attempts=settings.potpie_call_attempts, observer=_both(recorder.upstream, observer),
                           stream=settings.potpie_stream, limiter=limiter)
-    emitter = Emitter(settings)
     webhooks = WebhookNotifier(store, settings.webhook_secret, settings.webhook_allow_private,
                                settings.webhook_max_attempts, webhook_scheduler(app, settings))
-    pipeline = Pipeline(settings, store, potpie, emitter.emit, dispatcher(app, settings),
+    pipeline = Pipeline(settings, store, potpie, dispatcher(app, settings),
                         lambda job_id: cipher.decrypt(store.secret(job_id)),
                         observe=_fan_out(recorder.observe, webhooks.on_event))
     return WorkerRuntime(store, pipeline, webhooks)

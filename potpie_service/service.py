@@ -15,7 +15,7 @@ from . import SERVICE_NAME, __version__, analysis
 from .api.errors import Conflict, NotFound, ServiceUnavailable, ValidationError
 from .api.validation import AnalyzeRequest
 from .config import Settings
-from .events import final_events, now_iso
+from .events import broadcast, final_events, now_iso
 from .jobs import Dedup, JobStore
 from .metrics import MetricsRecorder
 from .model import MESSAGES, JobStatus
@@ -39,7 +39,6 @@ class JobService:
         self.dispatch = dispatch
         self.cipher = cipher
         self.potpie = potpie
-        self.emit: Callable[[str, list], None] = lambda job_id, events: None  # set by the app: to the job's room
         self.observe: Callable[[str, dict[str, str]], None] = MetricsRecorder(store.redis, store.prefix).observe
         self.started = time.time()
         self._potpie_checked: tuple[float, bool, float] = (0.0, False, 0.0)
@@ -173,16 +172,16 @@ class JobService:
         if JobStatus(record["status"]).terminal:
             raise Conflict(f"the job has already ended ({record['status']})", field="job_id", status=record["status"])
         fields = {"message": MESSAGES[JobStatus.CANCELLED], "finished_at": now_iso(), "cancelled_by": owner}
+        after = {**record, **fields, "status": JobStatus.CANCELLED.value}
+        news = broadcast(self.settings, record["id"], final_events(after, 0))  # the room is told by the end itself
         try:
-            seq, admitted = self.store.finish(record["id"], "", JobStatus.CANCELLED, fields)
+            seq, admitted = self.store.finish(record["id"], "", JobStatus.CANCELLED, fields, broadcast=news)
         except redis.RedisError:
             raise ServiceUnavailable("Redis connection failed: the job was not cancelled") from None
         if seq < 0:
             raise Conflict("the job has already ended", field="job_id")
-        previous = record["status"]
-        record.update(fields, status=JobStatus.CANCELLED.value)
-        self.emit(record["id"], final_events(record, seq))
-        self.observe("ended", {**record, "previous_status": previous, "previous_since": record.get("status_since", "")})
+        self.observe("ended", {**after, "previous_status": record["status"],
+                               "previous_since": record.get("status_since", "")})
         for admitted_id in admitted:
             self._dispatch_first(admitted_id)
         log.info("job cancelled", extra={"job_id": record["id"]})

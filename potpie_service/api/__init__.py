@@ -19,7 +19,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from ..auth import Authenticator, missing_keys_problem
 from ..config import Settings
 from ..connections import redis_options, tls_problem
-from ..events import channel, room
+from ..events import channel
 from ..metrics import instrument
 from ..potpie import PotpieClient
 from ..queue import dispatcher, make_celery
@@ -169,7 +169,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(routes.bp)
     sockets.register(socketio, service, auth, count)
     app.register_blueprint(jobs_routes.bp)
-    service.emit = lambda job_id, events: [socketio.emit(name, data, to=room(job_id)) for name, data in events]
     _install_hooks(app, settings)
     instrument(app, settings, store, count)  # /metrics data, request latency, access log
     init_rate_limits(app, settings, auth, routes.presented_key)
