@@ -11,13 +11,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import redis
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
+
+
+def in_order(client: Any) -> Any:
+    """Make a python-socketio client handle received messages one at a time, in arrival order, on its reader
+    thread. python-engineio's client starts a thread per message, so two back-to-back events could be recorded
+    in either order; these tests check the order on the wire (no handler here blocks on the connection)."""
+    trigger = client.eio._trigger_event
+
+    def in_arrival_order(event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "message":
+            kwargs["run_async"] = False
+        return trigger(event, *args, **kwargs)
+
+    client.eio._trigger_event = in_arrival_order
+    return client
 
 
 def free_port() -> int:

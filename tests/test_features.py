@@ -14,7 +14,7 @@ import socketio
 
 from potpie_service import webhooks
 from tests.conftest import Stack, make_stack
-from tests.stack import wait_for
+from tests.stack import in_order, wait_for
 
 SECRET = "whsec-test"
 
@@ -42,7 +42,7 @@ def post(stack: Stack, body: dict, **headers: str) -> requests.Response:
 def follow(stack: Stack, job_id: str) -> tuple[socketio.Client, list[tuple[str, dict]]]:
     """A networked Socket.IO client joined to the job's room, recording every event."""
     events: list[tuple[str, dict]] = []
-    client = socketio.Client(reconnection=False)
+    client = in_order(socketio.Client(reconnection=False))
     for name in ("status_update", "analysis_complete", "analysis_error"):
         client.on(name, lambda data, name=name: events.append((name, data)))
     client.connect(stack.url, transports=["websocket"], wait_timeout=5)

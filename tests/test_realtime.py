@@ -14,7 +14,7 @@ import socketio
 from potpie_service.auth import hash_key
 from potpie_service.events import replay
 from tests.conftest import Stack, make_stack
-from tests.stack import Service, start_api, wait_for
+from tests.stack import Service, in_order, start_api, wait_for
 
 EVENTS = ("status_update", "analysis_complete", "analysis_error")
 ORDER = ["queued", "parsing", "ready", "processing_conversations", "finished"]
@@ -30,8 +30,8 @@ class Watcher:
 
     def __init__(self, url: str, token: str | None = None, origin: str | None = None) -> None:
         options = {"websocket_extra_options": {"origin": origin}} if origin else {}
-        self.client = socketio.Client(reconnection=True, reconnection_delay=0.2, reconnection_delay_max=0.5,
-                                      **options)
+        self.client = in_order(socketio.Client(reconnection=True, reconnection_delay=0.2,
+                                               reconnection_delay_max=0.5, **options))
         self.url, self.token = url, token
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.acks: list[Any] = []

@@ -19,7 +19,7 @@ import socketio
 
 from potpie_service.simulator import Simulator, SimulatorConfig
 from tests.conftest import SIM_KEY, Stack, make_stack
-from tests.stack import ROOT, RedisServer, wait_for
+from tests.stack import ROOT, RedisServer, in_order, wait_for
 
 # Every fault stack: no API rate limit (bursts are the point), a heartbeat every 0.5 s (leases live 5 s), overdue
 # steps re-dispatched after 2 s, Potpie calls tried once inside a step unless a test says otherwise.
@@ -192,7 +192,7 @@ class Follower:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.client = socketio.Client(reconnection=True, reconnection_delay=0.2, reconnection_delay_max=1.0)
+        self.client = in_order(socketio.Client(reconnection=True, reconnection_delay=0.2, reconnection_delay_max=1.0))
         self.jobs: list[str] = []
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.connects = 0
