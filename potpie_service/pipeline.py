@@ -3,28 +3,27 @@
 One call of `Pipeline.run(job_id, seq)` runs steps back to back until the job must wait (a parse poll, a retry
 backoff) or ends. Every step's outcome is committed before the next begins, so a crash resumes after the last
 finished step. `seq` makes duplicate deliveries harmless: only the delivery for the job's current seq may run.
-The step's lease is short and renewed while the step runs, so a killed or frozen holder loses it within one TTL.
+The step's lease is short and renewed while the step runs (leases.py), so a killed or frozen holder loses it
+within one TTL.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import redis
 
 from . import analysis
 from .analysis import Step
 from .config import Settings
 from .events import broadcast, final_events, now_iso, status_update
 from .jobs import JobStore
+from .leases import LeaseKeeper, lease_ttl
 from .model import MESSAGES, JobStatus, can_move
 from .potpie import PermanentPotpieError, PotpieClient, TransientPotpieError
 
@@ -58,47 +57,6 @@ class End:
 
 class JobFailed(Exception):
     """A step found that the job cannot succeed; the message is the failed_reason."""
-
-
-def lease_ttl(settings: Settings) -> float:
-    """Seconds a step lease outlives its last renewal: four heartbeat intervals, at least 5 s."""
-    return max(5.0, 4 * settings.worker_heartbeat_interval)
-
-
-class LeaseKeeper:
-    """Renews the step leases this process holds, from a thread, until the step lets go of them."""
-
-    def __init__(self, store: JobStore, ttl: float) -> None:
-        self.store = store
-        self.ttl = ttl
-        self._held: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self._thread: tuple[int, threading.Thread] | None = None
-
-    def hold(self, job_id: str, token: str) -> None:
-        """Keep renewing the lease `token` on the job until `release`."""
-        with self._lock:
-            self._held[job_id] = token
-            if self._thread is None or self._thread[0] != os.getpid() or not self._thread[1].is_alive():
-                thread = threading.Thread(target=self._renew, name="psvc-lease", daemon=True)
-                self._thread = (os.getpid(), thread)  # a forked child starts its own thread
-                thread.start()
-
-    def release(self, job_id: str) -> None:
-        """Stop renewing the job's lease (the step committed it, freed it or lost it)."""
-        with self._lock:
-            self._held.pop(job_id, None)
-
-    def _renew(self) -> None:
-        while True:
-            time.sleep(self.ttl / 4)
-            with self._lock:
-                held = list(self._held.items())
-            for job_id, token in held:
-                try:
-                    self.store.renew(job_id, token, self.ttl)
-                except redis.RedisError as exc:  # Redis is away; the lease may lapse and the step be redone
-                    log.warning("could not renew the step lease: %s", type(exc).__name__, extra={"job_id": job_id})
 
 
 class Pipeline:
