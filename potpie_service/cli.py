@@ -155,10 +155,13 @@ def follow(args: argparse.Namespace, job_id: str, tracker: Tracker, on_update: C
             refused.append(str(ack.get("error") if isinstance(ack, dict) else ack))
             tracker.done.set()
 
+    one_at_a_time = threading.Lock()  # the client handles each message in a thread of its own
+
     def handler(name: str) -> Callable[[Any], None]:
         def handle(payload: Any) -> None:
-            if tracker.accept(name, payload) and name == "status_update":
-                on_update(payload)
+            with one_at_a_time:  # an older event arriving after a newer one is dropped by its seq
+                if tracker.accept(name, payload) and name == "status_update":
+                    on_update(payload)
         return handle
 
     client.on("connect", lambda: client.emit("join_project", {"project_id": job_id}, callback=joined))
