@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 from urllib.parse import quote, urlsplit
-
-from limits import parse_many
 
 from .auth import bad_entries
 from .tokens import valid_key
@@ -90,14 +89,37 @@ def _existing_file(raw: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class RateLimit:
+    """One limit of RATE_LIMIT: `amount` requests per `seconds`."""
+
+    amount: int
+    seconds: int
+    text: str  # as the 429 body shows it: "5 per 1 minute"
+
+
+_UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_ONE_LIMIT = re.compile(r"(\d+)\s*(?:/|per)\s*(\d+)?\s*(second|minute|hour|day)s?", re.IGNORECASE | re.ASCII)
+
+
+def parse_rate_limits(raw: str) -> tuple[RateLimit, ...]:
+    """`60/minute`, `10 per second`, `100/2 hours`; several separated by `;` or `,` (empty: no limit)."""
+    limits = []
+    for part in filter(None, (part.strip() for part in re.split(r"[;,]", raw))):
+        match = _ONE_LIMIT.fullmatch(part)
+        if not match or int(match[1]) < 1 or int(match[2] or 1) < 1:
+            raise ValueError("expected a limit like 60/minute (several: 10/second;100/hour), or off")
+        multiples, unit = int(match[2] or 1), match[3].lower()
+        limits.append(RateLimit(int(match[1]), multiples * _UNIT_SECONDS[unit], f"{match[1]} per {multiples} {unit}"))
+    return tuple(limits)
+
+
 def _rate_limit(raw: str) -> str:
     value = raw.strip()
     if value.lower() in ("off", "none", ""):
         return ""
-    try:
-        parse_many(value)
-    except ValueError:
-        raise ValueError("expected a limit like 60/minute (several: 10/second;100/hour), or off") from None
+    if not parse_rate_limits(value):
+        raise ValueError("expected a limit like 60/minute (several: 10/second;100/hour), or off")
     return value
 
 

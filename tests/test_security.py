@@ -512,6 +512,9 @@ def test_rate_limit_per_key_holds_across_two_api_processes(limited: tuple[RedisS
     server, (api_a, api_b) = limited
     answers = [_post(api, ALICE) for api in (api_a, api_b, api_a, api_b, api_a, api_b)]
     assert [r.status_code for r in answers] == [202] * 5 + [429]
+    assert [r.headers["X-RateLimit-Remaining"] for r in answers] == ["4", "3", "2", "1", "0", "0"]
+    assert {r.headers["X-RateLimit-Limit"] for r in answers} == {"5"}
+    assert len({r.headers["X-RateLimit-Reset"] for r in answers}) <= 2, "one window (its end rounded up to a second)"
     refused = answers[-1]
     assert refused.headers["Content-Type"] == "application/json" and refused.json()["success"] is False
     assert 1 <= int(refused.headers["Retry-After"]) <= 61
@@ -521,7 +524,7 @@ def test_rate_limit_per_key_holds_across_two_api_processes(limited: tuple[RedisS
     assert _post(api_a, BOB).status_code == 202, "another key has its own budget"
     retries = [requests.post(f"{api.url}/jobs/{uuid.uuid4().hex}/retry", headers=bearer(BOB),  # type: ignore
                              timeout=10).status_code for api in (api_a, api_b) * 3]
-    assert retries == [404] * 5 + [429], "retries create work too: limited the same way"
+    assert retries == [404] * 4 + [429] * 2, "retries create work too: one budget with new jobs (bob used one)"
     keys = server.client().keys("psvc:q-rl-*:ratelimit*")
     assert keys, "the counters live in Redis"
 

@@ -171,7 +171,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs_routes.bp)
     _install_hooks(app, settings)
     instrument(app, settings, store, count)  # /metrics data, request latency, access log
-    init_rate_limits(app, settings, auth, routes.presented_key)
+    init_rate_limits(app, settings, auth, routes.presented_key, store.redis)
     app.wsgi_app = _SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]
     if settings.trusted_proxies:  # client IP and scheme from X-Forwarded-* set by that many proxies in front
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]
