@@ -1,4 +1,5 @@
-"""Socket.IO events: their names, their payloads (built from a job record), and the one emitter both sides use."""
+"""Socket.IO events: their names, their payloads (built from a job record), and how they reach the rooms: as
+messages the store publishes with the state change (`broadcast`), or through a write-only manager (`Emitter`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping
 
 import socketio
 
@@ -123,12 +124,9 @@ def broadcast(settings: Settings, job_id: str, events: list[tuple[str, dict[str,
     return Broadcast(channel(settings), nonce, messages)
 
 
-class Emit(Protocol):
-    def __call__(self, event: str, data: dict[str, Any], room: str) -> None: ...
-
-
 class Emitter:
-    """Publishes events to a job's room through the Redis message queue (write-only; for workers)."""
+    """Publishes events to a job's room through the Redis message queue (write-only; the workers' supervisor uses
+    it for queue-position updates)."""
 
     def __init__(self, settings: Settings) -> None:
         self.manager = socketio.RedisManager(
