@@ -1,5 +1,5 @@
 """Socket.IO events: their names, their payloads (built from a job record), and how they reach the rooms: as
-messages the store publishes with the state change (`broadcast`), or through a write-only manager (`Emitter`)."""
+messages the store's scripts publish with the state change they announce (`broadcast`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-import socketio
 
 from .config import Settings
-from .connections import redis_options
 from .jobs import Broadcast
 from .model import MESSAGES, JobStatus
 
@@ -122,19 +120,3 @@ def broadcast(settings: Settings, job_id: str, events: list[tuple[str, dict[str,
                                  "callback": None, "host_id": STORE_HOST_ID}, separators=(",", ":"))
                      for name, payload in events)
     return Broadcast(channel(settings), nonce, messages)
-
-
-class Emitter:
-    """Publishes events to a job's room through the Redis message queue (write-only; the workers' supervisor uses
-    it for queue-position updates)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.manager = socketio.RedisManager(
-            settings.redis_url, channel=channel(settings), write_only=True,
-            redis_options=redis_options(settings),
-        )
-
-    def emit(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
-        """Send events to everyone in the job's room, on every API process."""
-        for name, payload in events:
-            self.manager.emit(name, payload, namespace="/", room=room(job_id))

@@ -158,13 +158,15 @@ broadcast(ARGV[8], ARGV[9], seq, 10, 2)
 return {seq, admit(prefix, tonumber(ARGV[5]), now)}
 """
 
-# ARGV: job key, position. A job still queued records the position it is told and takes the next event seq;
-# any other (started, ended, expired) is left untouched, so no seq is spent and no expired record comes back.
-_ANNOUNCE = """
-if redis.call('HGET', ARGV[1], 'status') ~= 'queued' then return {} end
+# ARGV: job key, position, channel, nonce, message. A job still queued records the position it is told, takes
+# the next event seq and publishes the message with it; any other (started, ended, expired) is left untouched,
+# so no seq is spent, no expired record comes back and nothing is published.
+_ANNOUNCE = _BROADCAST + """
+if redis.call('HGET', ARGV[1], 'status') ~= 'queued' then return 0 end
 redis.call('HSET', ARGV[1], 'announced_position', ARGV[2])
-redis.call('HINCRBY', ARGV[1], 'event_seq', 1)
-return redis.call('HGETALL', ARGV[1])
+local seq = redis.call('HINCRBY', ARGV[1], 'event_seq', 1)
+broadcast(ARGV[3], ARGV[4], seq, 5, 1)
+return seq
 """
 
 # ARGV: prefix, max, now
@@ -327,15 +329,13 @@ class JobStore:
         """Extend the step lease `token` by `ttl_s`; False when the lease is no longer this token's."""
         return bool(self._renew(args=[self.prefix, job_id, token, int(ttl_s * 1000)]))
 
-    def announce_positions(self, moved: list[tuple[str, int]]) -> list[dict[str, str]]:
-        """Record each waiting job's new position and take an event seq for it, in one round trip.
-
-        Returns the updated records, an empty dict for a job no longer queued.
-        """
+    def announce_positions(self, moved: list[tuple[str, int, Broadcast]]) -> list[int]:
+        """Record each waiting job's new position, take an event seq for it and publish its update, in one round
+        trip; return the seqs (0 for a job no longer queued: nothing written or published)."""
         pipe = self.redis.pipeline(transaction=False)
-        for job_id, position in moved:
-            self._announce(args=[self.key(job_id), position], client=pipe)
-        return [dict(zip(flat[::2], flat[1::2])) for flat in pipe.execute()]
+        for job_id, position, news in moved:
+            self._announce(args=[self.key(job_id), position, *news.args(1)], client=pipe)
+        return [int(seq) for seq in pipe.execute()]
 
     def drop_active(self, job_id: str) -> None:
         """Free the slot of a job whose record is gone."""

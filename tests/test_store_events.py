@@ -130,3 +130,21 @@ def test_the_message_is_the_one_python_socketio_publishes(setup) -> None:
     ours["data"][0]["seq"] = 7  # what the script writes in place of the marker
     assert {**ours, "host_id": None} == {**theirs, "host_id": None}
     assert theirs["host_id"] != STORE_HOST_ID
+
+
+def test_a_position_update_is_published_only_while_the_job_is_queued(setup) -> None:
+    settings, store, subscriber = setup
+    job_id = uuid.uuid4().hex
+    store.submit(job_id, "alice", {"id": job_id, "status": "queued", "seq": 0, "repo": "octocat/x"})
+    record = store.get(job_id)
+    news = broadcast(settings, job_id, [("status_update", status_update(record, 0, queue_position=3))])
+    [seq] = store.announce_positions([(job_id, 3, news)])
+    [message] = published(subscriber)
+    assert seq >= 1 and message["data"][0]["seq"] == seq and message["data"][0]["queue_position"] == 3
+    assert store.get(job_id)["announced_position"] == "3"
+
+    started_id, _, started = running_job(store)
+    store.redis.hset(store.key(started_id), "status", "parsing")  # it started between the read and the push
+    stale = broadcast(settings, started_id, [("status_update", status_update(started, 0, queue_position=1))])
+    assert store.announce_positions([(started_id, 1, stale)]) == [0]
+    assert published(subscriber) == [] and "announced_position" not in store.get(started_id)

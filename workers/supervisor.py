@@ -18,7 +18,6 @@ from celery.signals import worker_ready, worker_shutting_down
 from celery.utils import worker_direct
 from celery.worker import state as worker_state
 
-from potpie_service.events import Emitter
 from potpie_service.positions import announce
 from potpie_service.queue import HEARTBEAT, dispatcher
 from potpie_service.recovery import sweep
@@ -53,7 +52,6 @@ class Supervisor:
         self.queue = worker_direct(self.hostname).name
         self.store = make_store(settings)
         self.dispatch = dispatcher(app, settings)
-        self.emitter = Emitter(settings)
         self.proof = time.time()  # the stall clock: last heartbeat consumed, busy spell, or broker outage
 
     def busy(self) -> bool:
@@ -76,7 +74,7 @@ class Supervisor:
                 app.send_task(HEARTBEAT, args=[self.hostname], queue=self.queue)
             if self.store.try_lock("sweeper", settings.worker_heartbeat_interval * 0.9):
                 sweep(self.store, self.dispatch, settings.step_grace)
-                announce(self.store, self.emitter.emit, settings.max_concurrent_jobs)
+                announce(self.store, settings)
             seen = self.store.worker_last_seen(self.hostname) or 0.0
         except Exception as exc:  # the broker is away: the stall clock restarts once it is back
             log.warning("supervisor tick failed (%s: %s); retrying", type(exc).__name__, exc)
