@@ -92,12 +92,20 @@ class _PublicPeerOnly:
         return sock
 
 
+class _PublicHTTPConnection(_PublicPeerOnly, HTTPConnection):
+    pass
+
+
+class _PublicHTTPSConnection(_PublicPeerOnly, HTTPSConnection):
+    pass
+
+
 class _PublicHTTPPool(HTTPConnectionPool):
-    ConnectionCls = type("PublicHTTPConnection", (_PublicPeerOnly, HTTPConnection), {})
+    ConnectionCls = _PublicHTTPConnection
 
 
 class _PublicHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = type("PublicHTTPSConnection", (_PublicPeerOnly, HTTPSConnection), {})
+    ConnectionCls = _PublicHTTPSConnection
 
 
 class _PublicOnlyAdapter(HTTPAdapter):
