@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -139,6 +140,13 @@ class PotpieClient:
         self.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=32))
         self.session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=32))
         self.session.headers.update({"X-API-Key": api_key, "Accept": "application/json"})
+        # requests reads the proxy and CA bundle variables again on every call (~5% of a worker's CPU in the
+        # profiles): read them once here, for this host (NO_PROXY honoured), and stop the per-call lookup
+        self.session.proxies = requests.utils.get_environ_proxies(self.base_url)
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle:
+            self.session.verify = bundle
+        self.session.trust_env = False
 
     def _once(self, endpoint: str, method: str, path: str, **kwargs: Any) -> requests.Response:
         if self.limiter is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -82,3 +85,38 @@ def test_check_and_stream_parsing_without_a_server() -> None:
     assert reply.text == "Hello" and reply.citations == ["a.py"]
     with pytest.raises(TransientPotpieError, match="mid-message"):
         parse_stream('{"message": "Hel"}{"message": "l')
+
+
+def test_proxy_variables_are_read_once_and_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP(S)_PROXY and NO_PROXY apply as requests applies them, read when the client is built (not per call)."""
+    seen: list[str] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.path)  # a proxy gets the absolute URL
+            body = json.dumps({"status": "ready"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.setenv("NO_PROXY", "bypassed.invalid")
+        proxied = client("http://potpie.invalid")
+        bypassed = client("http://bypassed.invalid", attempts=1)
+        monkeypatch.delenv("HTTP_PROXY")  # read at construction: later changes do not matter
+        assert proxied.parse_status("p1") == "ready"
+        assert seen == ["http://potpie.invalid/api/v2/parsing-status/p1"]
+        with pytest.raises(TransientPotpieError, match="cannot reach Potpie"):
+            bypassed.parse_status("p1")  # direct: the name does not resolve
+        assert len(seen) == 1
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
