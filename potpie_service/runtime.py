@@ -11,7 +11,7 @@ from .config import Settings
 from .connections import make_redis
 from .jobs import JobStore
 from .metrics import MetricsRecorder
-from .pipeline import Observe, Pipeline
+from .pipeline import Pipeline
 from .potpie import PotpieClient
 from .queue import dispatcher, webhook_scheduler
 from .throttle import TokenBucket
@@ -34,24 +34,15 @@ class WorkerRuntime:
     webhooks: WebhookNotifier
 
 
-def _fan_out(*observers: Observe) -> Observe:
-    def observe(what: str, job: dict[str, str]) -> None:
-        for observer in observers:
-            observer(what, job)
+def _fan_out(*observers: Callable[..., None] | None) -> Callable[..., None]:
+    """One observer that calls each given one in turn (None entries skipped: an extra never replaces another)."""
+    given = [observer for observer in observers if observer is not None]
+
+    def observe(*args: Any) -> None:
+        for observer in given:
+            observer(*args)
 
     return observe
-
-
-def _both(first: Callable[..., None], extra: Callable[..., None] | None) -> Callable[..., None]:
-    """Call `first`, then `extra` when given (an extra observer never replaces the metrics)."""
-    if extra is None:
-        return first
-
-    def call(*args: Any) -> None:
-        first(*args)
-        extra(*args)
-
-    return call
 
 
 def make_worker_runtime(settings: Settings, app: Celery, observer=None) -> WorkerRuntime:
@@ -63,7 +54,7 @@ def make_worker_runtime(settings: Settings, app: Celery, observer=None) -> Worke
     if settings.potpie_rate_limit > 0:
         limiter = TokenBucket(store.redis, f"{store.prefix}potpie-bucket", settings.potpie_rate_limit)
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout,
-                          attempts=settings.potpie_call_attempts, observer=_both(recorder.upstream, observer),
+                          attempts=settings.potpie_call_attempts, observer=_fan_out(recorder.upstream, observer),
                           stream=settings.potpie_stream, limiter=limiter)
     webhooks = WebhookNotifier(store, settings.webhook_secret, settings.webhook_allow_private,
                                settings.webhook_max_attempts, webhook_scheduler(app, settings))

@@ -549,4 +549,10 @@ def test_redis_down_answers_503_fast_never_500(limited: tuple[RedisServer, list[
         assert response.json()["success"] is False
         for name, value in SECURITY_HEADERS.items():
             assert response.headers[name] == value
+    # the other routes reach Redis too: the app's one Redis error handler answers them the same way
+    for method, path, key in (("GET", "/jobs", BOB), ("GET", "/queue/stats", OPS),
+                              ("DELETE", f"/jobs/{uuid.uuid4().hex}", BOB)):
+        response = requests.request(method, api_a.url + path, headers=bearer(key), timeout=5)  # type: ignore
+        assert response.status_code == 503, (path, response.text)
+        assert response.json() == {"success": False, "error": "Redis connection failed", "details": {}}, path
     assert requests.get(api_a.url + "/livez", timeout=5).status_code == 200  # type: ignore[attr-defined]
