@@ -172,7 +172,7 @@ class WebhookNotifier:
             log.warning("webhook attempt %d failed: %s", attempt, exc, extra={"job_id": job_id})
             if final:
                 return "failed"
-            self.schedule(job_id, attempt + 1, min(60.0, 2.0 ** attempt))
+            self.schedule(job_id, attempt + 1, min(60.0, 2.0 ** (attempt - 1)))  # 1, 2, 4, 8 s…
             return "retrying"
         self.store.mark(job_id, webhook_status="delivered", webhook_attempts=attempt)
         log.info("webhook delivered after %d attempt(s)", attempt, extra={"job_id": job_id})

@@ -164,6 +164,7 @@ class Receiver:
 
     def __init__(self, fail_first: int = 0) -> None:
         self.calls: list[tuple[dict, bytes, int]] = []
+        self.arrived: list[float] = []  # monotonic time of each call
         self.fail_first = fail_first
         receiver = self
 
@@ -171,6 +172,7 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 status = 500 if len(receiver.calls) < receiver.fail_first else 204
+                receiver.arrived.append(time.monotonic())
                 receiver.calls.append((dict(self.headers), body, status))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
@@ -195,6 +197,8 @@ def test_webhook_is_signed_retried_and_carries_the_final_event(feat_stack: Stack
         final = feat_stack.wait_final(job["job_id"])
         wait_for(lambda: receiver.calls and receiver.calls[-1][2] == 204, 20, what="a successful delivery")
         assert [status for *_, status in receiver.calls] == [500, 500, 204], "retried with backoff"
+        first_gap, second_gap = (b - a for a, b in zip(receiver.arrived, receiver.arrived[1:]))
+        assert 0.9 <= first_gap < 1.8 and 1.9 <= second_gap < 3.5, ("backoff 1 s, then 2 s", first_gap, second_gap)
         headers, body, _ = receiver.calls[-1]
         assert webhooks.verify(SECRET, headers["X-Potpie-Timestamp"], body, headers["X-Potpie-Signature"])
         assert not webhooks.verify("wrong", headers["X-Potpie-Timestamp"], body, headers["X-Potpie-Signature"])
