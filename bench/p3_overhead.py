@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> Report:
     services: list[Service] = [sim]
     queue = f"bench-p3-{uuid.uuid4().hex[:6]}"
     env = bench_env(server.url, sim.url, queue, MAX_CONCURRENT_JOBS="100000", POTPIE_POLL_INTERVAL=str(POLL),
-                    RATE_LIMIT="off", LOG_LEVEL=args.log_level, BENCH_WHATIF=args.whatif)
+                    RATE_LIMIT="off", LOG_LEVEL=args.log_level)
     chain_env = {**os.environ, "BENCH_REDIS_URL": server.url, "BENCH_QUEUE": queue + "-chain",
                  "BENCH_POTPIE_URL": sim.url}
     os.environ.update({k: chain_env[k] for k in ("BENCH_REDIS_URL", "BENCH_QUEUE", "BENCH_POTPIE_URL")})
@@ -156,7 +156,6 @@ def run(args: argparse.Namespace) -> Report:
                            f"p99 ours {pct(own, 99):.1f} / baseline {pct(base_own, 99):.1f} ms"))
     report.facts.update({
         "jobs per sequential sample": f"{args.sequential} x {args.rounds} rounds",
-        **({"what-if fixes applied to the worker": args.whatif} if args.whatif else {}),
         "time inside Potpie calls per job p50 ms (ours / baseline)": f"{pct(potpie, 50):.2f} / "
                                                                       f"{pct(base_potpie, 50):.2f}",
         "own time per job during the burst p50 / p99 ms (queueing included)": f"{pct(burst_own, 50):.0f} / "
@@ -178,7 +177,6 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", default="prefork", help="worker pool (prefork, threads)")
     parser.add_argument("--concurrency", type=int, default=4, help="the deployed default is 4")
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--whatif", default="", help="proposed fixes to try (bench.probe_worker): noproxy,nometrics")
 
 
 if __name__ == "__main__":

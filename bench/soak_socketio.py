@@ -40,6 +40,7 @@ class Follow:
     final: str | None = None
     raw_finals: int = 0
     interrupted: bool = False  # the client was churned while the job ran: gaps are expected, the final is not
+    joined_at_seq: int | None = None  # the lowest seq a join's ack gave (no ack: counted from 0, shows as a gap)
 
 
 class Errors(Counter):
@@ -75,6 +76,12 @@ class Follower:
     def _ack(self, ack: Any) -> None:
         if not (isinstance(ack, dict) and ack.get("ok")):
             self.errors.bump(f"join refused: {ack}")
+            return
+        with self.lock:  # the earliest join's seq starts what this follow must receive (acks may come swapped)
+            follow = self.follows.get(ack["project_id"])
+            if follow is not None:
+                follow.joined_at_seq = min(ack["seq"], follow.joined_at_seq if follow.joined_at_seq is not None
+                                           else ack["seq"])
 
     def _rejoin(self) -> None:
         with self.lock:
@@ -227,8 +234,9 @@ def summarize(args: argparse.Namespace, jobs: dict[str, str], followers: list[Fo
     wrong_final = sum(1 for job_id, f in pairs if f.final and f.final != jobs[job_id])
     missing_final = sum(1 for _, f in pairs if not f.final)
     steady = [f for _, f in pairs if not f.interrupted and f.seqs]
-    expected = sum(max(f.seqs) - min(f.seqs) + 1 for f in steady)
-    received = sum(len(f.seqs) for f in steady)
+    # from the seq the join answered with to the final event's (a missing final is counted above)
+    expected = sum(max(f.seqs) - (f.joined_at_seq if f.joined_at_seq is not None else 0) + 1 for f in steady)
+    received = sum(len({seq for seq in f.seqs if seq >= (f.joined_at_seq or 0)}) for f in steady)
     return {
         "duration_s": args.duration, "clients": args.clients, "churn_per_s": args.churn_per_s,
         "api_threads": args.api_threads or "default", "jobs_submitted": len(jobs), "job_statuses": dict(statuses),
