@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +35,37 @@ def in_order(client: Any) -> Any:
 
     client.eio._trigger_event = in_arrival_order
     return client
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 recording each POST (headers, body, status); the first `fail_first` get 500."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.calls: list[tuple[dict, bytes, int]] = []
+        self.arrived: list[float] = []  # monotonic time of each call
+        self.fail_first = fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = 500 if len(receiver.calls) < receiver.fail_first else 204
+                receiver.arrived.append(time.monotonic())
+                receiver.calls.append((dict(self.headers), body, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def free_port() -> int:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
 import pytest
@@ -14,7 +12,7 @@ import socketio
 
 from potpie_service import webhooks
 from tests.conftest import Stack, make_stack
-from tests.stack import in_order, wait_for
+from tests.stack import Receiver, in_order, wait_for
 
 SECRET = "whsec-test"
 
@@ -61,8 +59,6 @@ def test_queue_position_and_eta_in_answer_status_and_events(fifo_stack: Stack) -
     assert status["queue_position"] == 2 and status["eta_seconds"] == pytest.approx(third["eta_seconds"], rel=0.5)
     client, events = follow(fifo_stack, third["job_id"])
     try:
-        # the join's replay comes before its ack, but the client handles each message in a thread of its own
-        wait_for(lambda: events, 5, what="the join's replay")
         first = events[0][1]
         assert first["status"] == "queued" and first["queue_position"] == 2 and first["eta_seconds"] > 0
         wait_for(lambda: any(e[1].get("queue_position") == 1 for e in events), 15, what="position 1 pushed")
@@ -157,37 +153,6 @@ def test_dead_letter_list_is_paginated_and_retry_keeps_the_history(feat_stack: S
     done = feat_stack.submit("octocat/not-failed")
     feat_stack.wait_final(done["job_id"])
     assert requests.post(f"{feat_stack.url}/jobs/{done['job_id']}/retry", timeout=5).status_code == 409
-
-
-class Receiver:
-    """A webhook endpoint on 127.0.0.1 that fails the first `fail_first` deliveries."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.calls: list[tuple[dict, bytes, int]] = []
-        self.arrived: list[float] = []  # monotonic time of each call
-        self.fail_first = fail_first
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = 500 if len(receiver.calls) < receiver.fail_first else 204
-                receiver.arrived.append(time.monotonic())
-                receiver.calls.append((dict(self.headers), body, status))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_webhook_is_signed_retried_and_carries_the_final_event(feat_stack: Stack) -> None:

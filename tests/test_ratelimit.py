@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from potpie_service.api.ratelimit import RateLimiter
-from potpie_service.config import RateLimit, Settings, parse_rate_limits
+from potpie_service.config import Settings, parse_rate_limits
 from potpie_service.connections import make_redis
 from tests.stack import free_port
 
@@ -80,7 +80,3 @@ def test_redis_away_counts_per_process_and_says_so_once(caplog: pytest.LogCaptur
     assert took < 3, "a Redis outage never makes a request wait long"
     warnings = [r for r in caplog.records if "rate limit storage unreachable" in r.getMessage()]
     assert len(warnings) == 1
-
-
-def test_the_limit_text_is_what_the_429_body_names() -> None:
-    assert parse_rate_limits("5/minute") == (RateLimit(5, 60, "5 per 1 minute"),)

@@ -4,6 +4,7 @@ a commit that takes an event seq publishes it, a refused or throttled one publis
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any, Iterator
 
@@ -78,12 +79,14 @@ def test_a_throttled_progress_commit_publishes_nothing(setup) -> None:
     settings, store, subscriber = setup
     job_id, token, record = running_job(store)
     seqs = []
-    for progress in (10, 11):
+    for progress, pause in ((10, 0.0), (11, 0.0), (12, 0.3)):  # the default throttle: at most one per 0.25 s
+        time.sleep(pause)
         fields = {"status": "queued", "seq": 0, "progress": progress}
         seqs.append(store.commit(job_id, token, fields, "progress", keep_lease=True, lease_s=10,
-                                 throttle_s=60, broadcast=update(settings, record, fields)))
-    assert seqs[0] >= 1 and seqs[1] == 0
-    assert [m["data"][0]["progress"] for m in published(subscriber)] == [10]
+                                 broadcast=update(settings, record, fields)))
+    assert seqs[0] >= 1 and seqs[1] == 0 and seqs[2] == seqs[0] + 1
+    assert [m["data"][0]["progress"] for m in published(subscriber)] == [10, 12]
+    assert store.get(job_id)["progress"] == "12"  # a throttled commit still writes the state
 
 
 def test_the_end_publishes_both_final_events_once(setup) -> None:

@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
 from potpie_service import webhooks
+from tests.stack import Receiver
 
 PUBLIC = "93.184.216.34"  # what a rebinding name answers first: a public address
 
 
 @pytest.fixture
 def receiver():
-    calls: list[bytes] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            calls.append(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(204)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", calls
-    server.shutdown()
-    server.server_close()
+    endpoint = Receiver()
+    yield endpoint
+    endpoint.close()
 
 
 @pytest.fixture
@@ -42,17 +28,16 @@ def rebinding(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_name_rebound_to_loopback_after_the_check_is_refused_at_connect(receiver, rebinding) -> None:
-    url, calls = receiver
+    url = receiver.url
     assert webhooks.check_url(url, allow_private=False) == url  # the name-based check is fooled
     with pytest.raises(webhooks.UnsafeCallbackUrl, match="when connecting"):
         webhooks.deliver(url, "analysis_complete", {"job_id": "j1"}, "secret", allow_private=False)
-    assert calls == []
+    assert receiver.calls == []
 
 
 def test_the_same_delivery_goes_through_when_private_addresses_are_allowed(receiver, rebinding) -> None:
-    url, calls = receiver
-    assert webhooks.deliver(url, "analysis_complete", {"job_id": "j1"}, "secret", allow_private=True) == 204
-    assert len(calls) == 1 and b'"job_id":"j1"' in calls[0]
+    assert webhooks.deliver(receiver.url, "analysis_complete", {"job_id": "j1"}, "secret", allow_private=True) == 204
+    assert len(receiver.calls) == 1 and b'"job_id":"j1"' in receiver.calls[0][1]
 
 
 def test_https_is_refused_before_the_tls_hello(rebinding) -> None:
@@ -81,10 +66,9 @@ def test_https_is_refused_before_the_tls_hello(rebinding) -> None:
 def test_proxy_settings_are_not_followed_when_private_addresses_are_refused(
         receiver, rebinding, monkeypatch: pytest.MonkeyPatch) -> None:
     """A proxy would resolve the name itself, out of reach of the check: deliveries go direct."""
-    url, calls = receiver
-    monkeypatch.setenv("HTTP_PROXY", url.rsplit("/", 1)[0])  # the receiver as a "proxy" on loopback
+    monkeypatch.setenv("HTTP_PROXY", receiver.url.rsplit("/", 1)[0])  # the receiver as a "proxy" on loopback
     monkeypatch.setenv("NO_PROXY", "")
     target = f"http://{PUBLIC}:9/hook"
     with pytest.raises(requests.RequestException):  # direct to an address unreachable from here
         webhooks.deliver(target, "analysis_complete", {"job_id": "j1"}, "", allow_private=False, timeout=1)
-    assert calls == [], "the proxy (the receiver) was not used"
+    assert receiver.calls == [], "the proxy (the receiver) was not used"

@@ -55,6 +55,7 @@ def test_worker_that_silently_stops_consuming_is_reported_and_exits(probe_stack:
     # What Celery does after some broker resets (celery#8030): the process lives on, nothing is consumed.
     control = make_celery(Settings.from_env(probe_stack.env)).control
     hostname = worker.hostname  # type: ignore[attr-defined]
+    wait_for(lambda: _healthy(probe_stack, worker), 20, interval=0.5, what="the worker to be healthy first")
     for queue in (probe_stack.env["QUEUE_NAME"], f"{hostname}.dq2"):
         replies = control.cancel_consumer(queue, destination=[hostname], reply=True, timeout=5)
         assert replies and "ok" in replies[0][hostname], replies
@@ -75,10 +76,9 @@ def test_worker_busy_with_a_long_step_stays_healthy(probe_stack: Stack) -> None:
     client = probe_stack.redis.client()
     lock = f"psvc:{probe_stack.env['QUEUE_NAME']}:job:{job_id}:lock"
     wait_for(lambda: client.exists(lock), 15, what="the step to start")
-    busy_since, checked = time.monotonic(), 0
+    busy_since = time.monotonic()
     while client.exists(lock) and time.monotonic() - busy_since < 20:
         assert _healthy(probe_stack, worker), "a worker busy with a bounded step is not wedged"
-        checked += 1
         time.sleep(1)
     busy = time.monotonic() - busy_since
     assert busy > 10 + 1, f"the step held the only process {busy:.1f} s, longer than the 10 s stall limit"

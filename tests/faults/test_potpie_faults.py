@@ -141,7 +141,8 @@ def test_troubled_jobs_do_not_delay_a_healthy_one(redis_server, simulators, stac
     bodies = wait_all_final(stack, troubled, timeout=30)
     # a parse that timed out may have reached Potpie: not repeated in-step; the second attempt looks it up
     assert [(b["status"], b["attempts"]) for b in bodies[:5]] == [("finished", 2)] * 5
-    assert all(calls == 1 for repo, calls in sim_stats(sim)["parse_calls"].items() if repo.startswith("timeout/"))
+    timed_out = {repo: calls for repo, calls in sim_stats(sim)["parse_calls"].items() if repo.startswith("timeout/")}
+    assert timed_out == {f"timeout/isolation-{i}@main": 1 for i in range(5)}, "each timed-out parse sent once"
     assert all(b["status"] == "failed" and "PARSE_TIMEOUT (5 s)" in b["details"]["failed_reason"]
                for b in bodies[5:])
     print(f"\nhealthy job: {alone:.2f} s alone, {beside:.2f} s beside 5 hanging and 5 stuck jobs")
