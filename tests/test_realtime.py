@@ -167,16 +167,20 @@ def test_join_before_the_job_starts_gets_queued_then_everything(narrow_stack: St
     ack = watcher.join(job_id)
     assert (ack["ok"], ack["status"]) == (True, "queued")
     watcher.wait_final(job_id, timeout=40)
-    events = watcher.of(job_id)
+    time.sleep(0.3)  # anything after the final event would be a duplicate
+    received = [p["seq"] for _, p in watcher.of(job_id)]
+    assert set(range(ack["seq"], max(received) + 1)) <= set(received), f"joined early: nothing missed {received}"
+    # A live event may overtake the join's replay, or arrive again in it; the documented seq rule drops those.
+    assert all(received.count(seq) <= 2 for seq in received), received
+    events = watcher.deduped(job_id)
+    assert_contiguous(events)
     first = events[0][1]
-    assert (events[0][0], first["status"], first["queue_position"], first["seq"]) == ("status_update", "queued", 1,
-                                                                                      ack["seq"])
-    seqs = [p["seq"] for _, p in events]
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "joined early: every event, in order, once"
+    assert (events[0][0], first["status"], first["queue_position"]) == ("status_update", "queued", 1)
     statuses = [p["status"] for _, p in events]
     started = statuses.index("parsing")
     assert set(statuses[:started]) == {"queued"} and all(p["queue_position"] == 1 for _, p in events[:started])
     assert "queued" not in statuses[started:] and events[-1][0] == "analysis_complete"
+    assert [name for name, _ in watcher.of(job_id)].count("analysis_complete") == 1
     assert all(narrow_stack.wait_final(b)["status"] == "finished" for b in blockers)  # one may still run
 
 
