@@ -29,8 +29,8 @@ def run_api(argv: list[str]) -> int:
     class Server(BaseApplication):
         def load_config(self) -> None:
             for key, value in {"bind": f"{settings.host}:{settings.port}", "workers": 1, "threads": threads,
-                               "worker_connections": 2 * threads,
-                               "worker_class": "gthread", "graceful_timeout": 8, "timeout": 0,
+                               "worker_connections": 2 * threads, "graceful_timeout": 8, "timeout": 0,
+                               "worker_class": "potpie_service.api.server.JsonErrorWorker",  # gthread, JSON errors
                                "accesslog": None, "loglevel": settings.log_level,
                                "logger_class": "potpie_service.logs.GunicornLogger"}.items():
                 self.cfg.set(key, value)

@@ -1,4 +1,6 @@
-"""WSGI entry point for gunicorn: `gunicorn -w 1 --threads 100 -k gthread potpie_service.wsgi:app`."""
+"""WSGI entry point for gunicorn:
+`gunicorn -w 1 --threads 100 -k potpie_service.api.server.JsonErrorWorker potpie_service.wsgi:app`
+(the gthread worker, with gunicorn's own rejections answered in JSON)."""
 
 from .api import create_app, preflight
 from .bootstrap import load_settings

@@ -151,8 +151,9 @@ def test_gunicorn_own_lines_are_json_with_the_gunicorn_logger_class(redis_server
     log_path = ARTIFACTS / "gunicorn-cli.log"
     with open(log_path, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "4", "-k", "gthread", "-b", f"127.0.0.1:{port}",
-             "--logger-class", "potpie_service.logs.GunicornLogger", "potpie_service.wsgi:app"],
+            [sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "4", "-b", f"127.0.0.1:{port}",
+             "-k", "potpie_service.api.server.JsonErrorWorker", "--logger-class", "potpie_service.logs.GunicornLogger",
+             "potpie_service.wsgi:app"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/livez", timeout=1).ok, 20, what="gunicorn")

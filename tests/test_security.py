@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -481,6 +482,39 @@ def test_security_headers_on_socketio_answers(secured: Secured) -> None:
     behind_tls = secured.call("GET", "/socket.io/?EIO=4&transport=polling", key=None,
                               headers={"X-Forwarded-Proto": "https"})
     assert behind_tls.headers["Strict-Transport-Security"].startswith("max-age=31536000")
+
+
+def _raw_http(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes no HTTP library would send; return the status, headers and body of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    return int(status_line.split()[1]), dict(line.split(": ", 1) for line in lines), body
+
+
+@pytest.mark.parametrize("request_bytes, status, field", [
+    (b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: KW$\r\n\r\n{}",
+     400, "Transfer-Encoding"),
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "request line"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, "headers"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n", 400, None),
+], ids=["transfer-coding", "request-line", "header-size", "header-name"])
+def test_requests_gunicorn_rejects_get_json_errors_with_the_headers(secured: Secured, request_bytes: bytes,
+                                                                     status: int, field: str | None) -> None:
+    """What gunicorn refuses before the app sees it: the API's JSON error shape, never its HTML page or a 5xx."""
+    got, headers, body = _raw_http(secured.url, request_bytes)
+    assert got == status, body
+    error = json.loads(body)
+    assert error["success"] is False and error["error"] and error["details"] == ({"field": field} if field else {})
+    assert headers["Content-Type"] == "application/json" and int(headers["Content-Length"]) == len(body)
+    for name, value in SECURITY_HEADERS.items():
+        assert headers.get(name) == value, (name, headers)
+    assert secured.call("GET", "/livez", key=None).status_code == 200, "the worker survived it"
 
 
 def test_hsts_when_served_behind_tls(secured: Secured) -> None:

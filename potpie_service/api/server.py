@@ -1,0 +1,49 @@
+"""The API's gunicorn worker: gthread, except that what gunicorn rejects itself (a request line or headers too
+long, a malformed request, an unknown transfer coding) gets the API's JSON error and security headers instead of
+gunicorn's HTML page."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gunicorn import util
+from gunicorn.http.errors import InvalidHeader, UnsupportedTransferCoding
+from gunicorn.workers.gthread import ThreadWorker
+
+from . import SECURITY_HEADERS
+
+_FIELDS = {414: "request line", 431: "headers"}
+
+
+class _UnknownTransferCoding(InvalidHeader):
+    """A client error (400), where gunicorn answers 501: the client sent what this service never accepts."""
+
+    def __init__(self) -> None:
+        super().__init__("Transfer-Encoding")
+
+    def __str__(self) -> str:
+        return "Transfer-Encoding: unsupported transfer coding (only chunked is accepted)"
+
+
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's `util.write_error` with the API's error shape; the connection closes after it."""
+    field = "Transfer-Encoding" if mesg.startswith("Transfer-Encoding:") else _FIELDS.get(status_int)
+    body = json.dumps({"success": False, "error": mesg or reason,
+                       "details": {"field": field} if field else {}}).encode()
+    head = [f"HTTP/1.1 {status_int} {reason}", "Connection: close", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in SECURITY_HEADERS)]
+    util.write_nonblock(sock, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
+
+class JsonErrorWorker(ThreadWorker):
+    """gunicorn's threaded worker (Flask-SocketIO's threading mode), answering its own rejections in JSON."""
+
+    def init_process(self) -> None:
+        util.write_error = write_json_error  # gunicorn's only error writer, used by handle_error in this process
+        super().init_process()
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        if isinstance(exc, UnsupportedTransferCoding):
+            exc = _UnknownTransferCoding()
+        super().handle_error(req, client, addr, exc)
