@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast dev bench lint clean
+.PHONY: install test test-fast dev bench lint constraints clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the pinned dependencies
@@ -32,6 +32,12 @@ bench: install ## benchmarks; writes docs/performance.md
 
 lint: install ## pyflakes, pycodestyle and bugbear rules (ruff.toml)
 	$(PY) -m ruff check potpie_service workers tests bench scripts
+
+constraints: ## re-resolve requirements*.txt from PyPI and pin every resulting package in constraints.txt
+	rm -rf .venv-resolve && $(PYTHON) -m venv .venv-resolve
+	.venv-resolve/bin/pip install --quiet -r requirements-dev.txt
+	{ head -3 constraints.txt; .venv-resolve/bin/pip freeze --exclude-editable | LC_ALL=C sort -f; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-resolve
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache

@@ -210,7 +210,7 @@ def test_dockerfile_facts(name):
         base = stage[0][1].split()[0]
         assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), f"unpinned/unexpected base image {base}"
     builder_text = " ".join(a for _, a in all_stages[0])
-    assert "pip install --no-cache-dir -r requirements.txt" in builder_text
+    assert "pip install --no-cache-dir -r requirements.txt -c constraints.txt" in builder_text
 
     final = all_stages[-1]
     instrs = [i for i, _ in final]
@@ -270,7 +270,28 @@ def test_dockerignore_keeps_context_minimal():
     lines = [line.strip() for line in raw if line.strip() and not line.startswith("#")]
     assert lines[0] == "*", "allow-list expected"
     allowed = {line[1:] for line in lines if line.startswith("!")}
-    assert allowed == {"requirements.txt", "potpie_service/", "workers/"}
+    assert allowed == {"requirements.txt", "constraints.txt", "potpie_service/", "workers/"}
+
+
+def _pins(name: str) -> dict[str, str]:
+    """package -> version for every `name==version` line of a requirements-style file (names normalised)."""
+    pins = {}
+    for line in (ROOT / name).read_text().splitlines():
+        spec = line.split("#")[0].strip()
+        if "==" in spec:
+            package, version = spec.split("==", 1)
+            pins[re.sub(r"[-_.]+", "-", package.split("[")[0]).lower()] = version.strip()
+    return pins
+
+
+def test_constraints_pin_every_requirement_at_the_same_version():
+    """constraints.txt (the whole resolved set) must not contradict requirements*.txt, or pip refuses to install."""
+    constraints = _pins("constraints.txt")
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for package, version in _pins(name).items():
+            assert constraints.get(package) == version, f"{name}: {package}=={version}, constraints: " \
+                                                        f"{constraints.get(package)} (run make constraints)"
+    assert len(constraints) > len(_pins("requirements.txt")) + len(_pins("requirements-dev.txt")), "transitive too"
 
 
 def api_healthcheck_code() -> str:
