@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return result
     finally:
         for follower in followers:
-            follower.sio.disconnect()
+            follower.sio.shutdown()
         api.stop()
         worker.stop()
         sim.stop()

@@ -179,7 +179,7 @@ def follow(args: argparse.Namespace, job_id: str, tracker: Tracker, on_update: C
         if refused:
             raise UsageError(f"cannot follow job {job_id}: {refused[0]}")
     finally:
-        client.disconnect()
+        client.shutdown()  # also stops a reconnection in progress (disconnect() would not)
 
 
 def report(event: str, payload: dict[str, Any], as_json: bool, out: TextIO, err: TextIO) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,21 @@ from potpie_service.simulator import Simulator, SimulatorConfig  # noqa: E402
 from tests.stack import RedisServer, Service, service_env, start_api, start_worker, wait_for  # noqa: E402
 
 SIM_KEY = "sk-simulator"
+
+
+@pytest.fixture(autouse=True)
+def no_socketio_client_left_reconnecting() -> Iterator[None]:
+    """A python-socketio client closed with disconnect() while reconnecting keeps retrying (and drawing from the
+    global `random`, which broke the OpenAPI fuzz test's Hypothesis run): every test must shut its clients down."""
+    yield
+
+    def reconnecting() -> list[str]:
+        return [thread.name for thread in threading.enumerate() if "_handle_reconnect" in thread.name]
+
+    try:
+        wait_for(lambda: not reconnecting(), 3, what="Socket.IO clients to stop reconnecting")
+    except AssertionError:
+        pytest.fail(f"a Socket.IO client was left reconnecting: {reconnecting()} (close it with shutdown())")
 
 
 @pytest.fixture(scope="session")

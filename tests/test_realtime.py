@@ -83,7 +83,7 @@ class Watcher:
         return wait_for(final, timeout, what=f"the final event of {job_id}")  # type: ignore[return-value]
 
     def close(self) -> None:
-        self.client.disconnect()
+        self.client.shutdown()  # disconnect() would leave a reconnecting client retrying after the test
 
 
 @pytest.fixture

@@ -241,7 +241,7 @@ class Follower:
                     if p.get("job_id") == job_id and n in ("analysis_complete", "analysis_error")]
 
     def close(self) -> None:
-        self.client.disconnect()
+        self.client.shutdown()  # disconnect() would leave a reconnecting client retrying after the test
 
 
 @pytest.fixture
