@@ -7,7 +7,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import requests
@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from potpie_service.simulator import Simulator, SimulatorConfig  # noqa: E402
-from tests.stack import RedisServer, Service, service_env, start_api, start_worker, wait_for  # noqa: E402
+from tests.stack import Follower, RedisServer, Service, service_env, start_api, start_worker, wait_for  # noqa: E402
 
 SIM_KEY = "sk-simulator"
 
@@ -35,6 +35,20 @@ def no_socketio_client_left_reconnecting() -> Iterator[None]:
         wait_for(lambda: not reconnecting(), 3, what="Socket.IO clients to stop reconnecting")
     except AssertionError:
         pytest.fail(f"a Socket.IO client was left reconnecting: {reconnecting()} (close it with shutdown())")
+
+
+@pytest.fixture
+def followers() -> Iterator[Callable[..., Follower]]:
+    """A factory of connected Followers (`followers(url, **options)`), closed after the test."""
+    made: list[Follower] = []
+
+    def follow(url: str, **options: Any) -> Follower:
+        made.append(Follower(url, **options))
+        return made[-1].connect()
+
+    yield follow
+    for follower in made:
+        follower.close()
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +79,10 @@ class Stack:
     @property
     def url(self) -> str:
         return self.api.url  # type: ignore[attr-defined]
+
+    def key(self, suffix: str) -> str:
+        """A Redis key of this stack's store (layout in potpie_service/jobs.py): `key("job:<id>")`."""
+        return f"psvc:{self.env['QUEUE_NAME']}:{suffix}"
 
     def submit(self, repo: str = "octocat/Hello-World", **body: object) -> dict:
         response = requests.post(self.url + "/analyze", json={"repo": repo, **body}, timeout=5)

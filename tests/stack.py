@@ -37,6 +37,84 @@ def in_order(client: Any) -> Any:
     return client
 
 
+FINAL_EVENTS = ("analysis_complete", "analysis_error")
+
+
+class Follower:
+    """A python-socketio client following jobs over the network: it records every event in arrival order and
+    re-joins its jobs on every (re)connect, as a documented client does."""
+
+    def __init__(self, url: str, token: str | None = None, origin: str | None = None,
+                 reconnection_delay_max: float = 0.5) -> None:
+        import socketio  # only the real-time tests need it
+
+        options = {"websocket_extra_options": {"origin": origin}} if origin else {}
+        self.client = in_order(socketio.Client(reconnection=True, reconnection_delay=0.2,
+                                               reconnection_delay_max=reconnection_delay_max, **options))
+        self.url, self.token = url, token
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.acks: list[Any] = []
+        self.connects = 0
+        self.jobs: list[str] = []
+        self.lock = threading.Lock()
+        self.client.on("connect", self._on_connect)
+        for name in ("status_update", *FINAL_EVENTS):
+            self.client.on(name, lambda payload, name=name: self._record(name, payload))
+
+    def _on_connect(self) -> None:
+        self.connects += 1
+        for job_id in list(self.jobs):  # the client's part of "reconnects miss nothing": join again
+            self.client.emit("join_project", job_id, callback=self.acks.append)
+
+    def _record(self, name: str, payload: dict[str, Any]) -> None:
+        with self.lock:
+            self.events.append((name, payload))
+
+    def connect(self) -> "Follower":
+        self.client.connect(self.url, transports=["websocket"], auth={"token": self.token} if self.token else None,
+                            wait_timeout=5)
+        return self
+
+    def join(self, job_id: Any) -> Any:
+        """join_project with its ack; a job joined successfully is re-joined on every reconnect."""
+        ack = self.client.call("join_project", job_id, timeout=5)
+        if isinstance(ack, dict) and ack.get("ok"):
+            self.jobs.append(job_id)
+        return ack
+
+    def follow(self, job_ids: list[str]) -> None:
+        """Join every job's room, each acknowledged."""
+        for job_id in job_ids:
+            ack = self.join(job_id)
+            assert ack["ok"], ack
+
+    def of(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """(event name, payload) received for the job, in arrival order."""
+        with self.lock:
+            return [(name, payload) for name, payload in self.events if payload.get("project_id") == job_id]
+
+    def finals(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """The final events (analysis_complete / analysis_error) received for the job, in arrival order."""
+        return [(name, payload) for name, payload in self.of(job_id) if name in FINAL_EVENTS]
+
+    def deduped(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """What a documented client keeps: events whose seq is above the last one seen."""
+        kept, last = [], -1
+        for name, payload in self.of(job_id):
+            if payload["seq"] > last:
+                kept.append((name, payload))
+                last = payload["seq"]
+        return kept
+
+    def wait_final(self, job_id: str, timeout: float = 30.0) -> tuple[str, dict[str, Any]]:
+        """The last final event received for the job, once there is one."""
+        found = wait_for(lambda: self.finals(job_id), timeout, what=f"the final event of {job_id}")
+        return found[-1]  # type: ignore[index]
+
+    def close(self) -> None:
+        self.client.shutdown()  # disconnect() would leave a reconnecting client retrying after the test
+
+
 class Receiver:
     """A webhook endpoint on 127.0.0.1 recording each POST (headers, body, status); the first `fail_first` get 500."""
 

@@ -144,7 +144,7 @@ def test_token_and_key_are_never_printed_logged_or_stored_in_clear(secure_stack:
     for text in (run.stdout, run.stderr, secure_stack.api.log(), *(w.log() for w in secure_stack.workers)):
         assert GITHUB_TOKEN not in text and CLIENT_KEY not in text
     client = secure_stack.redis.client()
-    for key in client.scan_iter(f"psvc:{secure_stack.env['QUEUE_NAME']}:*"):
+    for key in client.scan_iter(secure_stack.key("*")):
         kind = client.type(key)
         value = client.hgetall(key) if kind == "hash" else client.get(key) if kind == "string" else ""
         assert GITHUB_TOKEN not in json.dumps(value), key

@@ -8,11 +8,10 @@ from typing import Iterator
 
 import pytest
 import requests
-import socketio
 
 from potpie_service import webhooks
 from tests.conftest import Stack, make_stack
-from tests.stack import Receiver, in_order, wait_for
+from tests.stack import Receiver, wait_for
 
 SECRET = "whsec-test"
 
@@ -37,18 +36,7 @@ def post(stack: Stack, body: dict, **headers: str) -> requests.Response:
     return requests.post(stack.url + "/analyze", json=body, headers=headers, timeout=5)
 
 
-def follow(stack: Stack, job_id: str) -> tuple[socketio.Client, list[tuple[str, dict]]]:
-    """A networked Socket.IO client joined to the job's room, recording every event."""
-    events: list[tuple[str, dict]] = []
-    client = in_order(socketio.Client(reconnection=False))
-    for name in ("status_update", "analysis_complete", "analysis_error"):
-        client.on(name, lambda data, name=name: events.append((name, data)))
-    client.connect(stack.url, transports=["websocket"], wait_timeout=5)
-    assert client.call("join_project", job_id, timeout=5)["ok"] is True
-    return client, events
-
-
-def test_queue_position_and_eta_in_answer_status_and_events(fifo_stack: Stack) -> None:
+def test_queue_position_and_eta_in_answer_status_and_events(fifo_stack: Stack, followers) -> None:
     fifo_stack.wait_final(fifo_stack.submit("octocat/warmup")["job_id"])  # a finished job gives the ETA a basis
     running = fifo_stack.submit("slow-parse/eta-a")
     second = fifo_stack.submit("slow-parse/eta-b")
@@ -57,33 +45,32 @@ def test_queue_position_and_eta_in_answer_status_and_events(fifo_stack: Stack) -
     assert second["eta_seconds"] > 0 and third["eta_seconds"] > second["eta_seconds"]
     status = fifo_stack.status(third["job_id"])
     assert status["queue_position"] == 2 and status["eta_seconds"] == pytest.approx(third["eta_seconds"], rel=0.5)
-    client, events = follow(fifo_stack, third["job_id"])
-    try:
-        first = events[0][1]
-        assert first["status"] == "queued" and first["queue_position"] == 2 and first["eta_seconds"] > 0
-        wait_for(lambda: any(e[1].get("queue_position") == 1 for e in events), 15, what="position 1 pushed")
-        final = fifo_stack.wait_final(third["job_id"], timeout=40)
-        assert final["status"] == "finished" and final["eta_seconds"] is None and final["queue_position"] is None
-    finally:
-        client.disconnect()
+    follower = followers(fifo_stack.url)
+    assert follower.join(third["job_id"])["ok"] is True
+    first = follower.of(third["job_id"])[0][1]
+    assert first["status"] == "queued" and first["queue_position"] == 2 and first["eta_seconds"] > 0
+    wait_for(lambda: any(p.get("queue_position") == 1 for _, p in follower.of(third["job_id"])), 15,
+             what="position 1 pushed")
+    final = fifo_stack.wait_final(third["job_id"], timeout=40)
+    assert final["status"] == "finished" and final["eta_seconds"] is None and final["queue_position"] is None
     assert fifo_stack.wait_final(running["job_id"])["status"] == "finished"
 
 
-def test_cancel_running_job_stops_it_frees_the_slot_and_never_completes(fifo_stack: Stack, sim_stats) -> None:
+def test_cancel_running_job_stops_it_frees_the_slot_and_never_completes(fifo_stack: Stack, sim_stats,
+                                                                        followers) -> None:
     victim = fifo_stack.submit("slow-parse/cancel-me")
     waiting = fifo_stack.submit("octocat/after-cancel")
     wait_for(lambda: fifo_stack.status(victim["job_id"])["status"] == "parsing", 15, what="the job to run")
-    client, events = follow(fifo_stack, victim["job_id"])
-    try:
-        answer = requests.delete(f"{fifo_stack.url}/jobs/{victim['job_id']}", timeout=5)
-        assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
-        wait_for(lambda: any(e[1]["status"] == "cancelled" for e in events), 5, what="the cancelled event")
-        # the slot is free at once: the next job runs and finishes while the victim's parse would still run
-        assert fifo_stack.wait_final(waiting["job_id"], timeout=15)["status"] == "finished"
-        time.sleep(3.5)  # past the slow parse: a surviving step would have finished the victim by now
-        assert [e for e in events if e[0] in ("analysis_complete", "analysis_error")] == []
-    finally:
-        client.disconnect()
+    follower = followers(fifo_stack.url)
+    assert follower.join(victim["job_id"])["ok"] is True
+    answer = requests.delete(f"{fifo_stack.url}/jobs/{victim['job_id']}", timeout=5)
+    assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
+    wait_for(lambda: any(p["status"] == "cancelled" for _, p in follower.of(victim["job_id"])), 5,
+             what="the cancelled event")
+    # the slot is free at once: the next job runs and finishes while the victim's parse would still run
+    assert fifo_stack.wait_final(waiting["job_id"], timeout=15)["status"] == "finished"
+    time.sleep(3.5)  # past the slow parse: a surviving step would have finished the victim by now
+    assert follower.finals(victim["job_id"]) == []
     final = fifo_stack.status(victim["job_id"])
     assert final["status"] == "cancelled" and "result" not in final
     again = requests.delete(f"{fifo_stack.url}/jobs/{victim['job_id']}", timeout=5)

@@ -168,7 +168,7 @@ def test_queue_positions_are_fifo_and_the_cap_holds_across_workers(narrow_stack:
     finals = [narrow_stack.wait_final(job["job_id"], timeout=60) for job in jobs]
     assert all(final["status"] == "finished" for final in finals)
     client = narrow_stack.redis.client()
-    prefix = f"psvc:{narrow_stack.env['QUEUE_NAME']}:job:"
+    prefix = narrow_stack.key("job:")
     admitted = [float(client.hget(prefix + job["job_id"], "admitted_at")) for job in jobs]
     assert admitted == sorted(admitted), "jobs are admitted in submission order"
     spans = [(_ts(f["details"]["processed_at"]), _ts(f["details"]["finished_at"])) for f in finals]
@@ -189,7 +189,7 @@ def test_finished_and_failed_jobs_expire_after_their_ttl(ttl_stack: Stack) -> No
     failed = ttl_stack.wait_final(ttl_stack.submit("parse-error/ttl")["job_id"])
     assert (done["status"], failed["status"]) == ("finished", "failed")
     client = ttl_stack.redis.client()
-    prefix = f"psvc:{ttl_stack.env['QUEUE_NAME']}:"
+    prefix = ttl_stack.key("")
     assert client.ttl(prefix + "job:" + done["job_id"]) <= 2
     assert 2000 < client.pttl(prefix + "job:" + failed["job_id"]) <= 3000  # TTL rounds: > 2 only within 0.5 s
     wait_for(lambda: requests.get(f"{ttl_stack.url}/status/{done['job_id']}", timeout=5).status_code == 404, 6,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import requests
@@ -14,9 +13,9 @@ import socketio
 from potpie_service.auth import hash_key
 from potpie_service.events import replay
 from tests.conftest import Stack, make_stack
-from tests.stack import Service, in_order, start_api, wait_for
+from tests.stack import Follower, Service, start_api, wait_for
 
-EVENTS = ("status_update", "analysis_complete", "analysis_error")
+Followers = Callable[..., Follower]  # the followers fixture: followers(url, token=..., origin=...)
 ORDER = ["queued", "parsing", "ready", "processing_conversations", "finished"]
 
 
@@ -25,88 +24,13 @@ def unique(owner: str) -> str:
     return f"{owner}/rt-{uuid.uuid4().hex[:8]}"
 
 
-class Watcher:
-    """A python-socketio client that records every event and re-joins its jobs on every (re)connect."""
-
-    def __init__(self, url: str, token: str | None = None, origin: str | None = None) -> None:
-        options = {"websocket_extra_options": {"origin": origin}} if origin else {}
-        self.client = in_order(socketio.Client(reconnection=True, reconnection_delay=0.2,
-                                               reconnection_delay_max=0.5, **options))
-        self.url, self.token = url, token
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.acks: list[Any] = []
-        self.connects = 0
-        self.jobs: list[str] = []
-        self.lock = threading.Lock()
-        self.client.on("connect", self._on_connect)
-        for name in EVENTS:
-            self.client.on(name, lambda payload, name=name: self._record(name, payload))
-
-    def _on_connect(self) -> None:
-        self.connects += 1
-        for job_id in self.jobs:  # the client's part of "reconnects miss nothing": join again
-            self.client.emit("join_project", job_id, callback=self.acks.append)
-
-    def _record(self, name: str, payload: dict[str, Any]) -> None:
-        with self.lock:
-            self.events.append((name, payload))
-
-    def connect(self) -> "Watcher":
-        self.client.connect(self.url, transports=["websocket"], auth={"token": self.token} if self.token else None,
-                            wait_timeout=5)
-        return self
-
-    def join(self, job_id: Any) -> Any:
-        ack = self.client.call("join_project", job_id, timeout=5)
-        if isinstance(ack, dict) and ack.get("ok"):
-            self.jobs.append(job_id)
-        return ack
-
-    def of(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-        with self.lock:
-            return [(name, payload) for name, payload in self.events if payload.get("project_id") == job_id]
-
-    def deduped(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-        """What a documented client keeps: events whose seq is above the last one seen."""
-        kept, last = [], -1
-        for name, payload in self.of(job_id):
-            if payload["seq"] > last:
-                kept.append((name, payload))
-                last = payload["seq"]
-        return kept
-
-    def wait_final(self, job_id: str, timeout: float = 30.0) -> tuple[str, dict[str, Any]]:
-        def final() -> tuple[str, dict[str, Any]] | None:
-            found = [e for e in self.of(job_id) if e[0] != "status_update"]
-            return found[-1] if found else None
-
-        return wait_for(final, timeout, what=f"the final event of {job_id}")  # type: ignore[return-value]
-
-    def close(self) -> None:
-        self.client.shutdown()  # disconnect() would leave a reconnecting client retrying after the test
-
-
-@pytest.fixture
-def watchers() -> Iterator[list[Watcher]]:
-    made: list[Watcher] = []
-    yield made
-    for watcher in made:
-        watcher.close()
-
-
-def watch(made: list[Watcher], url: str, **kwargs: Any) -> Watcher:
-    watcher = Watcher(url, **kwargs).connect()
-    made.append(watcher)
-    return watcher
-
-
 def assert_contiguous(events: list[tuple[str, dict[str, Any]]]) -> None:
     seqs = [payload["seq"] for _, payload in events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"a seq is missing or repeated: {seqs}"
 
 
-def test_full_sequence_in_order_with_seq_and_progress(stack: Stack, watchers: list[Watcher]) -> None:
-    watcher = watch(watchers, stack.url)
+def test_full_sequence_in_order_with_seq_and_progress(stack: Stack, followers: Followers) -> None:
+    watcher = followers(stack.url)
     job_id = stack.submit(unique("octocat"), question="How is it built?")["job_id"]
     ack = watcher.join(job_id)
     assert ack["ok"] is True and ack["project_id"] == job_id and isinstance(ack["seq"], int)
@@ -130,11 +54,11 @@ def test_full_sequence_in_order_with_seq_and_progress(stack: Stack, watchers: li
 
 
 @pytest.mark.parametrize("owner, final_name", [("octocat", "analysis_complete"), ("parse-error", "analysis_error")])
-def test_late_join_gets_the_final_state_once(stack: Stack, watchers: list[Watcher], owner: str,
+def test_late_join_gets_the_final_state_once(stack: Stack, followers: Followers, owner: str,
                                              final_name: str) -> None:
     job_id = stack.submit(unique(owner))["job_id"]
     body = stack.wait_final(job_id)
-    watcher = watch(watchers, stack.url)
+    watcher = followers(stack.url)
     ack = watcher.join(job_id)
     assert ack["ok"] is True and ack["status"] == body["status"]
     time.sleep(0.3)
@@ -158,12 +82,12 @@ def narrow_stack(redis_server, simulator) -> Iterator[Stack]:
 
 
 def test_join_before_the_job_starts_gets_queued_then_everything(narrow_stack: Stack,
-                                                                watchers: list[Watcher]) -> None:
+                                                                followers: Followers) -> None:
     blockers = [narrow_stack.submit(unique("octocat"))["job_id"] for _ in range(2)]
     accepted = narrow_stack.submit(unique("octocat"))
     job_id = accepted["job_id"]
     assert accepted["queue_position"] == 1
-    watcher = watch(watchers, narrow_stack.url)
+    watcher = followers(narrow_stack.url)
     ack = watcher.join(job_id)
     assert (ack["ok"], ack["status"]) == (True, "queued")
     watcher.wait_final(job_id, timeout=40)
@@ -184,8 +108,8 @@ def test_join_before_the_job_starts_gets_queued_then_everything(narrow_stack: St
     assert all(narrow_stack.wait_final(b)["status"] == "finished" for b in blockers)  # one may still run
 
 
-def test_retries_emit_retrying_and_one_final_event(narrow_stack: Stack, watchers: list[Watcher]) -> None:
-    watcher = watch(watchers, narrow_stack.url)
+def test_retries_emit_retrying_and_one_final_event(narrow_stack: Stack, followers: Followers) -> None:
+    watcher = followers(narrow_stack.url)
     flaky = narrow_stack.submit(unique("flaky"))["job_id"]
     broken = narrow_stack.submit(unique("server-error"))["job_id"]
     assert watcher.join(flaky)["ok"] and watcher.join(broken)["ok"]
@@ -207,8 +131,8 @@ def test_retries_emit_retrying_and_one_final_event(narrow_stack: Stack, watchers
     assert error["attempts"] == 6 and "gave up after 6 attempts" in error["message"]
 
 
-def test_parse_error_gives_one_analysis_error(stack: Stack, watchers: list[Watcher]) -> None:
-    watcher = watch(watchers, stack.url)
+def test_parse_error_gives_one_analysis_error(stack: Stack, followers: Followers) -> None:
+    watcher = followers(stack.url)
     job_id = stack.submit(unique("parse-error"))["job_id"]
     watcher.join(job_id)
     name, payload = watcher.wait_final(job_id)
@@ -230,10 +154,10 @@ def extra_apis() -> Iterator[list[Service]]:
 
 
 def test_client_on_another_api_process_receives_every_event(stack: Stack, extra_apis: list[Service],
-                                                            watchers: list[Watcher]) -> None:
+                                                            followers: Followers) -> None:
     api_b = start_api(stack.env, "rt-api-b")
     extra_apis.append(api_b)
-    on_b, on_a = watch(watchers, api_b.url), watch(watchers, stack.url)  # type: ignore[attr-defined]
+    on_b, on_a = followers(api_b.url), followers(stack.url)  # type: ignore[attr-defined]
     job_id = stack.submit(unique("octocat"))["job_id"]  # submitted through API A
     assert on_b.join(job_id)["ok"] and on_a.join(job_id)["ok"]
     for watcher in (on_b, on_a):
@@ -251,11 +175,11 @@ def test_client_on_another_api_process_receives_every_event(stack: Stack, extra_
 
 
 def test_reconnect_after_the_api_is_killed_and_restarted(stack: Stack, extra_apis: list[Service],
-                                                         watchers: list[Watcher]) -> None:
+                                                         followers: Followers) -> None:
     api = start_api(stack.env, "rt-api-restart")
     extra_apis.append(api)
     port = int(api.url.rsplit(":", 1)[1])  # type: ignore[attr-defined]
-    watcher = watch(watchers, api.url)  # type: ignore[attr-defined]
+    watcher = followers(api.url)  # type: ignore[attr-defined]
     job_id = stack.submit(unique("slow-parse"))["job_id"]
     assert watcher.join(job_id)["ok"]
     wait_for(lambda: any(p["status"] == "parsing" for _, p in watcher.of(job_id)), 10, what="parsing")
@@ -275,14 +199,14 @@ def test_reconnect_after_the_api_is_killed_and_restarted(stack: Stack, extra_api
     assert events[-1][1]["seq"] == events[-2][1]["seq"] + 1
 
 
-def test_bad_join_payloads_get_an_error_ack_and_leave_stops_events(stack: Stack, watchers: list[Watcher]) -> None:
-    watcher = watch(watchers, stack.url)
+def test_bad_join_payloads_get_an_error_ack_and_leave_stops_events(stack: Stack, followers: Followers) -> None:
+    watcher = followers(stack.url)
     for payload in (None, 123, {}, "x" * 5000, ["a"], {"project_id": 7}, "0" * 32):
         ack = watcher.join(payload)
         assert ack["ok"] is False and ack["error"], (payload, ack)
     assert watcher.join("0" * 32)["error"] == "Job not found"
     assert watcher.client.connected
-    stays = watch(watchers, stack.url)
+    stays = followers(stack.url)
     job_id = stack.submit(unique("octocat"))["job_id"]
     assert watcher.join({"project_id": job_id})["ok"] and stays.join(job_id)["ok"]
     wait_for(lambda: any(p["status"] == "parsing" for _, p in watcher.of(job_id)), 10, what="parsing")
@@ -300,10 +224,10 @@ def _sockets(url: str) -> int:
     return requests.get(url + "/health", timeout=5).json()["websocket_connections"]
 
 
-def test_health_counts_websocket_connections(stack: Stack, watchers: list[Watcher]) -> None:
+def test_health_counts_websocket_connections(stack: Stack, followers: Followers) -> None:
     # earlier tests closed their sockets, but the server may not have counted the last closes yet
     wait_for(lambda: _sockets(stack.url) == 0, 10, what="the sockets of earlier tests to be closed")
-    opened = [watch(watchers, stack.url) for _ in range(3)]
+    opened = [followers(stack.url) for _ in range(3)]
     wait_for(lambda: _sockets(stack.url) == 3, 5, what="3 connections")
     opened[0].close()
     opened[1].close()
@@ -324,37 +248,37 @@ def auth_api(stack: Stack) -> Iterator[Service]:
     api.stop()
 
 
-def test_sockets_need_a_key_and_see_only_their_owners_jobs(auth_api: Service, watchers: list[Watcher]) -> None:
+def test_sockets_need_a_key_and_see_only_their_owners_jobs(auth_api: Service, followers: Followers) -> None:
     url = auth_api.url  # type: ignore[attr-defined]
     app = "https://app.example"
     with pytest.raises(socketio.exceptions.ConnectionError):
-        watch(watchers, url, origin=app)
+        followers(url, origin=app)
     with pytest.raises(socketio.exceptions.ConnectionError):
-        watch(watchers, url, token="psk_wrong", origin=app)
+        followers(url, token="psk_wrong", origin=app)
     response = requests.post(url + "/analyze", json={"repo": unique("octocat")}, timeout=5,
                              headers={"Authorization": f"Bearer {ALICE}"})
     job_id = response.json()["job_id"]
-    assert watch(watchers, url, token=BOB, origin=app).join(job_id) == {"ok": False, "error": "Job not found",
+    assert followers(url, token=BOB, origin=app).join(job_id) == {"ok": False, "error": "Job not found",
                                                                         "project_id": job_id}
-    alice = watch(watchers, url, token=ALICE, origin=app)
+    alice = followers(url, token=ALICE, origin=app)
     assert alice.join(job_id)["ok"] is True
     assert alice.wait_final(job_id)[0] == "analysis_complete"
 
 
-def test_cors_same_origin_only_by_default(stack: Stack, watchers: list[Watcher]) -> None:
+def test_cors_same_origin_only_by_default(stack: Stack, followers: Followers) -> None:
     with pytest.raises(socketio.exceptions.ConnectionError):
-        watch(watchers, stack.url, origin="https://evil.example")
-    assert watch(watchers, stack.url, origin=stack.url).client.connected
+        followers(stack.url, origin="https://evil.example")
+    assert followers(stack.url, origin=stack.url).client.connected
     response = requests.get(stack.url + "/livez", headers={"Origin": "https://evil.example"}, timeout=5)
     assert "Access-Control-Allow-Origin" not in response.headers
 
 
-def test_cors_origins_allows_the_listed_origin(auth_api: Service, watchers: list[Watcher]) -> None:
+def test_cors_origins_allows_the_listed_origin(auth_api: Service, followers: Followers) -> None:
     url = auth_api.url  # type: ignore[attr-defined]
-    assert watch(watchers, url, token=ALICE, origin="https://app.example").client.connected
+    assert followers(url, token=ALICE, origin="https://app.example").client.connected
     with pytest.raises(socketio.exceptions.ConnectionError):
-        watch(watchers, url, token=ALICE, origin="https://evil.example")
-    assert watch(watchers, url, token=ALICE, origin=url).client.connected, "the same origin stays allowed"
+        followers(url, token=ALICE, origin="https://evil.example")
+    assert followers(url, token=ALICE, origin=url).client.connected, "the same origin stays allowed"
     preflight = requests.options(url + "/analyze", timeout=5, headers={
         "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization, content-type"})

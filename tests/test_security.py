@@ -295,7 +295,7 @@ def test_github_token_reaches_potpie_but_is_never_stored_logged_or_shown(secured
     fast_id = secured.submit(repo=fast, github_token=token)["job_id"]
     url = secured.stack.redis.url
 
-    secret = redis.Redis.from_url(url).get(f"psvc:{secured.stack.env['QUEUE_NAME']}:secret:{slow_id}")
+    secret = redis.Redis.from_url(url).get(secured.stack.key(f"secret:{slow_id}"))
     assert secret and token.encode() not in secret, "the token is stored only encrypted"
     assert Fernet(secured.token_key.encode()).decrypt(secret).decode() == token
 

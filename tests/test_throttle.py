@@ -66,5 +66,5 @@ def test_workers_respect_the_global_limit_and_429_pauses_the_bucket(limited_stac
     calls = sum(sim_stats()["requests"].values()) - before
     assert calls >= 25
     assert calls / elapsed <= 8 * 1.25 + 8 / elapsed, f"{calls} Potpie calls in {elapsed:.1f} s"
-    bucket = limited_stack.redis.client().hgetall(f"psvc:{limited_stack.env['QUEUE_NAME']}:potpie-bucket")
+    bucket = limited_stack.redis.client().hgetall(limited_stack.key("potpie-bucket"))
     assert float(bucket["paused_until"]) > 0, "the 429 paused the shared bucket"

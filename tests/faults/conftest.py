@@ -15,11 +15,10 @@ from typing import Any, Callable, Iterator
 import pytest
 import redis
 import requests
-import socketio
 
 from potpie_service.simulator import Simulator, SimulatorConfig
 from tests.conftest import SIM_KEY, Stack, make_stack
-from tests.stack import ROOT, RedisServer, in_order, wait_for
+from tests.stack import ROOT, RedisServer, wait_for
 
 # Every fault stack: no API rate limit (bursts are the point), a heartbeat every 0.5 s (leases live 5 s), overdue
 # steps re-dispatched after 2 s, Potpie calls tried once inside a step unless a test says otherwise.
@@ -95,7 +94,7 @@ def submit_many(stack: Stack, repos: list[str]) -> list[str]:
 def states(stack: Stack, ids: list[str]) -> list[str | None]:
     """The status of each job, read from Redis in one round trip."""
     client = stack.redis.client()
-    prefix = f"psvc:{stack.env['QUEUE_NAME']}:job:"
+    prefix = stack.key("job:")
     pipe = client.pipeline(transaction=False)
     for job_id in ids:
         pipe.hget(prefix + job_id, "status")
@@ -194,65 +193,3 @@ def emissions() -> Iterator[Callable[[Stack], Emissions]]:
     yield listen
     for listener in made:
         listener.close()
-
-
-class Follower:
-    """A python-socketio client following jobs over the network; it re-joins them on every (re)connect."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.client = in_order(socketio.Client(reconnection=True, reconnection_delay=0.2, reconnection_delay_max=1.0))
-        self.jobs: list[str] = []
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.connects = 0
-        self.lock = threading.Lock()
-        self.client.on("connect", self._on_connect)
-        for name in ("status_update", "analysis_complete", "analysis_error"):
-            self.client.on(name, lambda payload, name=name: self._record(name, payload))
-
-    def _on_connect(self) -> None:
-        self.connects += 1
-        for job_id in list(self.jobs):
-            self.client.emit("join_project", job_id)
-
-    def _record(self, name: str, payload: dict[str, Any]) -> None:
-        with self.lock:
-            self.events.append((name, payload))
-
-    def connect(self) -> "Follower":
-        self.client.connect(self.url, transports=["websocket"], wait_timeout=5)
-        return self
-
-    def follow(self, job_ids: list[str]) -> None:
-        """Join every job's room, with an ack for each."""
-        for job_id in job_ids:
-            ack = self.client.call("join_project", job_id, timeout=5)
-            assert ack["ok"], ack
-            self.jobs.append(job_id)
-
-    def of(self, job_id: str, name: str | None = None) -> list[dict[str, Any]]:
-        with self.lock:
-            return [p for n, p in self.events if p.get("job_id") == job_id and (name is None or n == name)]
-
-    def finals(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-        """The final events (analysis_complete / analysis_error) received for the job, in order."""
-        with self.lock:
-            return [(n, p) for n, p in self.events
-                    if p.get("job_id") == job_id and n in ("analysis_complete", "analysis_error")]
-
-    def close(self) -> None:
-        self.client.shutdown()  # disconnect() would leave a reconnecting client retrying after the test
-
-
-@pytest.fixture
-def followers() -> Iterator[Callable[[str], Follower]]:
-    """A factory of connected Followers, disconnected after the test."""
-    made: list[Follower] = []
-
-    def follow(url: str) -> Follower:
-        made.append(Follower(url).connect())
-        return made[-1]
-
-    yield follow
-    for follower in made:
-        follower.close()

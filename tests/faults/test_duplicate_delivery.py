@@ -20,7 +20,7 @@ def _skips(stack) -> list[str]:
 
 
 def _job(stack, job_id: str) -> dict[str, str]:
-    return stack.redis.client().hgetall(f"psvc:{stack.env['QUEUE_NAME']}:job:{job_id}")
+    return stack.redis.client().hgetall(stack.key(f"job:{job_id}"))
 
 
 def test_a_step_published_many_times_runs_once(own_redis, simulators, stacks, emissions) -> None:
@@ -59,7 +59,7 @@ def test_a_visibility_timeout_redelivery_of_running_steps_runs_nothing_twice(own
     published = emissions(stack)
     ids = [stack.submit(f"slow-parse/redeliver-{i}")["job_id"] for i in range(3)]
     client = stack.redis.client()
-    locks = [f"psvc:{stack.env['QUEUE_NAME']}:job:{job_id}:lock" for job_id in ids]
+    locks = [stack.key(f"job:{job_id}:lock") for job_id in ids]
     wait_for(lambda: client.exists(*locks) == 3, 10, what="three steps to be running")
     in_flight = client.hlen("unacked")
     assert in_flight >= 3

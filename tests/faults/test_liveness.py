@@ -74,7 +74,7 @@ def test_worker_busy_with_a_long_step_stays_healthy(probe_stack: Stack) -> None:
     probe_stack.workers.append(worker)
     job_id = probe_stack.submit("timeout/probe-busy")["job_id"]  # its one process waits 13 s on Potpie
     client = probe_stack.redis.client()
-    lock = f"psvc:{probe_stack.env['QUEUE_NAME']}:job:{job_id}:lock"
+    lock = probe_stack.key(f"job:{job_id}:lock")
     wait_for(lambda: client.exists(lock), 15, what="the step to start")
     busy_since = time.monotonic()
     while client.exists(lock) and time.monotonic() - busy_since < 20:

@@ -83,7 +83,7 @@ def test_burst_of_5000_jobs_all_finish_once_and_memory_returns(own_redis, sim_pr
         "no step ran twice"
 
     # Once the TTLs pass, nothing of the jobs is left: no records, no index entries, memory at its baseline.
-    prefix = f"psvc:{stack.env['QUEUE_NAME']}:"
+    prefix = stack.key("")
     client = own_redis.client()
     wait_for(lambda: not any(True for _ in client.scan_iter(prefix + "job:*", count=1000)), TTL + 15,
              interval=0.5, what="every job record to expire")

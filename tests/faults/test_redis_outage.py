@@ -9,9 +9,9 @@ import pytest
 import requests
 
 from tests.conftest import Stack, make_stack
-from tests.faults.conftest import FAULT_ENV, Follower, fast_simulator, states, submit_many, wait_all_final, \
+from tests.faults.conftest import FAULT_ENV, fast_simulator, states, submit_many, wait_all_final, \
     worker_health
-from tests.stack import RedisServer, wait_for
+from tests.stack import Follower, RedisServer, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def _nobody_restarted(stack: Stack, pids: list[int]) -> None:
 
 def test_redis_restart_keeps_queued_and_running_jobs_and_nothing_needs_a_restart(aof_stack: Stack) -> None:
     stack, pids = aof_stack, _pids(aof_stack)
-    follower = Follower(stack.url).connect()
+    follower = Follower(stack.url, reconnection_delay_max=1.0).connect()
     try:
         ids = submit_many(stack, [f"slow-parse/aof-{i}" for i in range(8)])
         follower.follow(ids)

@@ -26,7 +26,7 @@ def test_kill_9_three_rounds_loses_nothing_and_repeats_nothing(redis_server, sim
     follower.follow(ids)
 
     client = stack.redis.client()
-    locks = f"psvc:{stack.env['QUEUE_NAME']}:job:*:lock"
+    locks = stack.key("job:*:lock")
     held_at_kills, in_flight = [], []
     for round_no in range(3):
         worker = stack.workers[-1]

@@ -57,7 +57,7 @@ def test_sigterm_during_a_long_step_cancels_it_after_the_grace_and_another_worke
     wait_for(lambda: states(stack, ids) == ["parsing", "parsing"], 10, what="both parses submitted")
     sim_config(sim, latency_ms=3000, parse_seconds=0.5)
     client = stack.redis.client()
-    locks = [f"psvc:{stack.env['QUEUE_NAME']}:job:{job_id}:lock" for job_id in ids]
+    locks = [stack.key(f"job:{job_id}:lock") for job_id in ids]
     wait_for(lambda: client.exists(*locks) == 2, 10, what="both steps to be running")
 
     worker = stack.workers[0]
