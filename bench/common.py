@@ -183,7 +183,7 @@ def pct(values: list[float], q: float) -> float:
 def start_simulator(parse_seconds: float = 0.0, latency_ms: float = 0.0, name: str = "bench-sim") -> Service:
     """The Potpie simulator in its own process (so its CPU is not counted against the bench's clients)."""
     port = free_port()
-    args = [sys.executable, "-m", "bench.simulator", "--port", str(port), "--api-key", SIM_KEY,
+    args = [sys.executable, "-m", "potpie_service", "simulator", "--port", str(port), "--api-key", SIM_KEY,
             "--parse-seconds", str(parse_seconds), "--latency-ms", str(latency_ms)]
     service = Service(name, args, dict(os.environ)).start()
     service.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]

@@ -89,13 +89,16 @@ def _existing_file(raw: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RateLimit:
     """One limit of RATE_LIMIT: `amount` requests per `seconds`."""
 
     amount: int
     seconds: int
     text: str  # as the 429 body shows it: "5 per 1 minute"
+
+    def __repr__(self) -> str:  # the start-up log shows the settings
+        return self.text
 
 
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -114,13 +117,14 @@ def parse_rate_limits(raw: str) -> tuple[RateLimit, ...]:
     return tuple(limits)
 
 
-def _rate_limit(raw: str) -> str:
+def _rate_limit(raw: str) -> tuple[RateLimit, ...]:
     value = raw.strip()
     if value.lower() in ("off", "none", ""):
-        return ""
-    if not parse_rate_limits(value):
+        return ()
+    limits = parse_rate_limits(value)
+    if not limits:
         raise ValueError("expected a limit like 60/minute (several: 10/second;100/hour), or off")
-    return value
+    return limits
 
 
 def _env(name: str, default: str, parse: Callable[[str], Any] = _str, secret: bool = False) -> Any:
@@ -170,7 +174,7 @@ class Settings:
     auth_disabled: bool = _env("AUTH_DISABLED", "false", _bool)
     token_encryption_key: str = _env("TOKEN_ENCRYPTION_KEY", "", secret=True)
     metrics_token: str = _env("METRICS_TOKEN", "", secret=True)
-    rate_limit: str = _env("RATE_LIMIT", "60/minute", _rate_limit)
+    rate_limit: tuple[RateLimit, ...] = _env("RATE_LIMIT", "60/minute", _rate_limit)  # () when off
     trusted_proxies: int = _env("TRUSTED_PROXIES", "0", _int(0, 5))
     dedup_enabled: bool = _env("DEDUP_ENABLED", "true", _bool)
     potpie_rate_limit: float = _env("POTPIE_RATE_LIMIT", "0", _float(0))

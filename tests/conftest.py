@@ -122,8 +122,12 @@ def stack(redis_server: RedisServer, simulator: Simulator) -> Iterator[Stack]:
     running.stop()
 
 
+def simulator_stats(sim: Any) -> dict:
+    """A simulator's request counters, over HTTP (`sim` is anything with its url)."""
+    return requests.get(sim.url + "/_sim/stats", timeout=5).json()
+
+
 @pytest.fixture
-def sim_stats(simulator: Simulator):
-    def stats() -> dict:
-        return requests.get(simulator.url + "/_sim/stats", timeout=5).json()
-    return stats
+def sim_stats(simulator: Simulator) -> Callable[[], dict]:
+    """The session simulator's request counters: `sim_stats()`."""
+    return lambda: simulator_stats(simulator)

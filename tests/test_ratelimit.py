@@ -35,6 +35,11 @@ def test_bad_limits_are_refused(raw: str) -> None:
         parse_rate_limits(raw)
 
 
+@pytest.mark.parametrize("raw, amounts", [("10/second;100/hour", [10, 100]), ("off", []), ("", []), (" None ", [])])
+def test_settings_parse_rate_limit_once(raw: str, amounts: list[int]) -> None:
+    assert [limit.amount for limit in Settings.from_env({"RATE_LIMIT": raw}).rate_limit] == amounts
+
+
 def limiter(client: redis.Redis, raw: str) -> RateLimiter:
     return RateLimiter(client, f"psvc:q-rl-{uuid.uuid4().hex[:8]}:ratelimit", parse_rate_limits(raw))
 

@@ -16,7 +16,7 @@ import redis
 from flask import Flask, Response, g, request
 
 from ..auth import Authenticator
-from ..config import RateLimit, Settings, parse_rate_limits
+from ..config import RateLimit, Settings
 from .errors import TooManyRequests, error_response
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def init_rate_limits(app: Flask, settings: Settings, auth: Authenticator, presen
     if not settings.rate_limit:
         log.warning("RATE_LIMIT=off: job creation is not rate limited")
         return None
-    limiter = RateLimiter(client, f"psvc:{settings.queue_name}:ratelimit", parse_rate_limits(settings.rate_limit))
+    limiter = RateLimiter(client, f"psvc:{settings.queue_name}:ratelimit", settings.rate_limit)
 
     @app.before_request
     def count() -> Any:

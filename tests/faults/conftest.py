@@ -76,11 +76,6 @@ def stacks() -> Iterator[Callable[..., Stack]]:
         stack.stop()
 
 
-def sim_stats(sim: Simulator) -> dict[str, Any]:
-    """The simulator's request counters, over HTTP."""
-    return requests.get(sim.url + "/_sim/stats", timeout=5).json()
-
-
 def sim_config(sim: Simulator, **values: float) -> None:
     """Change the simulator's timings live, over HTTP."""
     requests.post(sim.url + "/_sim/config", json=values, timeout=5).raise_for_status()

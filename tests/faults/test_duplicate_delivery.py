@@ -9,7 +9,8 @@ from kombu import Connection
 
 from potpie_service.config import Settings
 from potpie_service.queue import RUN_STEP, make_celery
-from tests.faults.conftest import sim_config, sim_stats, states, wait_all_final
+from tests.faults.conftest import sim_config, states, wait_all_final
+from tests.conftest import simulator_stats
 from tests.stack import wait_for
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def test_a_step_published_many_times_runs_once(own_redis, simulators, stacks, em
     wait_for(lambda: published.count("analysis_complete", job_id), 10, what="the published end")
     time.sleep(0.3)
     assert published.count("analysis_complete", job_id) == 1
-    requests = sim_stats(sim)["requests"]
+    requests = simulator_stats(sim)["requests"]
     assert (requests["POST /parse"], requests["POST /conversations"], requests["POST /message"]) == (1, 1, 2), \
         "no step called Potpie twice"
     reasons = {line.split("step skipped: ")[1].split('"')[0] for line in _skips(stack)}
@@ -76,7 +77,7 @@ def test_a_visibility_timeout_redelivery_of_running_steps_runs_nothing_twice(own
     wait_for(lambda: len(published.jobs_with("analysis_complete")) >= 3, 10, what="the published ends")
     time.sleep(0.3)
     assert published.jobs_with("analysis_complete") == {job_id: 1 for job_id in ids}
-    requests = sim_stats(sim)["requests"]
+    requests = simulator_stats(sim)["requests"]
     assert (requests["POST /parse"], requests["POST /conversations"], requests["POST /message"]) == (3, 3, 6), \
         "no step called Potpie twice"
     assert states(stack, ids) == ["finished"] * 3

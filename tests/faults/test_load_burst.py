@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from tests.faults.conftest import sim_stats
+from tests.conftest import SIM_KEY, simulator_stats
 from tests.stack import ROOT, RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,8 @@ TTL = 8
 def sim_process() -> Iterator[SimpleNamespace]:
     """The simulator in a process of its own, so the load it serves does not share this process's GIL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.faults.simulator_process", str(port)], cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "potpie_service", "simulator", "--port", str(port),
+                             "--parse-seconds", "0", "--api-key", SIM_KEY], cwd=ROOT)
     sim = SimpleNamespace(url=f"http://127.0.0.1:{port}")
     try:
         wait_for(lambda: requests.get(sim.url + "/health", timeout=1).ok, 15, what="the simulator process")
@@ -77,7 +78,7 @@ def test_burst_of_5000_jobs_all_finish_once_and_memory_returns(own_redis, sim_pr
     time.sleep(0.5)
     assert published.jobs_with("analysis_complete") == {job_id: 1 for job_id in ids}, "one final event per job"
     assert not published.jobs_with("analysis_error")
-    stats = sim_stats(sim_process)
+    stats = simulator_stats(sim_process)
     assert len(stats["parse_calls"]) == JOBS and set(stats["parse_calls"].values()) == {1}
     assert (stats["requests"]["POST /conversations"], stats["requests"]["POST /message"]) == (JOBS, 2 * JOBS), \
         "no step ran twice"

@@ -13,7 +13,8 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from tests.faults.conftest import log_lines, sim_stats, wait_all_final, worker_health
+from tests.faults.conftest import log_lines, wait_all_final, worker_health
+from tests.conftest import simulator_stats
 from tests.stack import free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -102,7 +103,7 @@ def test_potpie_unreachable_then_up(redis_server, simulators, stacks) -> None:
     sim = simulators(port=port, parse_seconds=0.5)
     final = stack.wait_final(job_id, timeout=30)
     assert final["status"] == "finished" and 2 <= final["attempts"] <= 5, final
-    assert sim_stats(sim)["parse_calls"] == {"octocat/refused-then-up@main": 1}, "refused calls never reached it"
+    assert simulator_stats(sim)["parse_calls"] == {"octocat/refused-then-up@main": 1}, "refused calls never reached it"
     probe = worker_health(stack.env, stack.workers[0].hostname, max_age=3)  # type: ignore[attr-defined]
     assert probe.returncode == 0, "the worker did not wedge"
 
@@ -119,7 +120,7 @@ def test_bad_gateway_is_retried_and_a_lasting_one_fails_with_the_reason(redis_se
     assert "Potpie server error (502)" in failed["details"]["failed_reason"]
     assert "gave up after 3 attempts" in failed["details"]["failed_reason"]
     assert front.bad >= 5 + 9, "the first try of each of the five calls, three tries in each of three attempts"
-    assert sim_stats(sim)["parse_calls"] == {"octocat/gateway-once@main": 1, "octocat/gateway@main": 1}
+    assert simulator_stats(sim)["parse_calls"] == {"octocat/gateway-once@main": 1, "octocat/gateway@main": 1}
 
 
 def test_troubled_jobs_do_not_delay_a_healthy_one(redis_server, simulators, stacks) -> None:
@@ -141,7 +142,8 @@ def test_troubled_jobs_do_not_delay_a_healthy_one(redis_server, simulators, stac
     bodies = wait_all_final(stack, troubled, timeout=30)
     # a parse that timed out may have reached Potpie: not repeated in-step; the second attempt looks it up
     assert [(b["status"], b["attempts"]) for b in bodies[:5]] == [("finished", 2)] * 5
-    timed_out = {repo: calls for repo, calls in sim_stats(sim)["parse_calls"].items() if repo.startswith("timeout/")}
+    timed_out = {repo: calls for repo, calls in simulator_stats(sim)["parse_calls"].items()
+                 if repo.startswith("timeout/")}
     assert timed_out == {f"timeout/isolation-{i}@main": 1 for i in range(5)}, "each timed-out parse sent once"
     assert all(b["status"] == "failed" and "PARSE_TIMEOUT (5 s)" in b["details"]["failed_reason"]
                for b in bodies[5:])

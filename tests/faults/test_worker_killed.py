@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.faults.conftest import log_lines, pool_children, sim_stats, states, submit_many, wait_all_final
+from tests.faults.conftest import log_lines, pool_children, states, submit_many, wait_all_final
+from tests.conftest import simulator_stats
 from tests.stack import start_worker, wait_for
 
 pytestmark = pytest.mark.slow
@@ -60,7 +61,7 @@ def test_kill_9_three_rounds_loses_nothing_and_repeats_nothing(redis_server, sim
         assert [name for name, _ in finals] == ["analysis_complete"], (job_id, finals)
         assert finals[0][1]["data"] == body["result"]
     # Potpie was asked to parse each repository once: a resumed job asks Potpie what it holds before asking again.
-    assert sim_stats(sim)["parse_calls"] == {f"slow-parse/kill-{i}@main": 1 for i in range(JOBS)}
+    assert simulator_stats(sim)["parse_calls"] == {f"slow-parse/kill-{i}@main": 1 for i in range(JOBS)}
     # The kills were felt: the sweeper re-dispatched the steps the killed main processes held.
     revived = [line for line in log_lines(stack) if "dispatching it again" in line.get("message", "")]
     assert revived, "no step had to be revived: the kills hit nothing"

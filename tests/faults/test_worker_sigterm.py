@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.faults.conftest import sim_config, sim_stats, states, submit_many, wait_all_final
+from tests.faults.conftest import sim_config, states, submit_many, wait_all_final
+from tests.conftest import simulator_stats
 from tests.stack import start_worker, wait_for
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ def test_sigterm_between_steps_exits_at_once_and_hands_back_scheduled_steps(redi
     assert [body["status"] for body in bodies] == ["finished"] * len(ids)
     wait_for(lambda: len(published.jobs_with("analysis_complete")) >= len(ids), 10, what="the published ends")
     assert published.jobs_with("analysis_complete") == {job_id: 1 for job_id in ids}
-    assert sim_stats(sim)["parse_calls"] == {f"slow-parse/term-{i}@main": 1 for i in range(10)}
+    assert simulator_stats(sim)["parse_calls"] == {f"slow-parse/term-{i}@main": 1 for i in range(10)}
 
 
 def test_sigterm_during_a_long_step_cancels_it_after_the_grace_and_another_worker_finishes(
