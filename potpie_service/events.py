@@ -94,6 +94,14 @@ def final_events(job: Mapping[str, str], seq: int) -> list[tuple[str, dict[str, 
     return events
 
 
+def ending(settings: Settings, job: Mapping[str, str], status: JobStatus,
+           fields: Mapping[str, Any]) -> tuple[dict[str, str], Broadcast]:
+    """The job's record once it has ended with `fields`, and the broadcast of its final events (which
+    `JobStore.finish` publishes in the script that ends it)."""
+    after = {**job, **{name: str(value) for name, value in fields.items()}, "status": status.value}
+    return after, broadcast(settings, after["id"], final_events(after, 0))
+
+
 def replay(job: Mapping[str, str], queue_position: int | None,
            eta_seconds: float | None = None) -> list[tuple[str, dict[str, Any]]]:
     """What a socket gets on joining: the current state, and the final event if the job has ended."""

@@ -106,16 +106,14 @@ local function broadcast(channel, nonce, seq, first, count)
 end
 """
 
-# ARGV: prefix, id, token, now, mode (state|progress|none), throttle s, keep lease ms (0: free it),
+# ARGV: prefix, id, token, now, mode (state|progress), throttle s, keep lease ms (0: free it),
 #       channel, nonce, message ('' for none), field, value...
 _COMMIT = _BROADCAST + """
 local key = ARGV[1] .. 'job:' .. ARGV[2]
 if redis.call('GET', key .. ':lock') ~= ARGV[3] then return -1 end
 redis.call('HSET', key, unpack(ARGV, 11))
 if ARGV[7] == '0' then redis.call('DEL', key .. ':lock') else redis.call('PEXPIRE', key .. ':lock', ARGV[7]) end
-local mode = ARGV[5]
-if mode == 'none' then return 0 end
-if mode == 'progress' then
+if ARGV[5] == 'progress' then
   local last = tonumber(redis.call('HGET', key, 'emitted_at') or '0')
   if tonumber(ARGV[4]) - last < tonumber(ARGV[6]) then return 0 end
 end

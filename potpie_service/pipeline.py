@@ -21,7 +21,7 @@ from typing import Any, Callable
 from . import analysis
 from .analysis import Step
 from .config import Settings
-from .events import broadcast, final_events, now_iso, status_update
+from .events import broadcast, ending, now_iso, status_update
 from .jobs import JobStore
 from .leases import LeaseKeeper, lease_ttl
 from .model import MESSAGES, JobStatus, can_move
@@ -223,7 +223,7 @@ class Pipeline:
         if event_seq < 0:
             log.warning("lost the step lease; another delivery owns the job", extra={"job_id": job["id"]})
             return False
-        previous, since = job.get("status"), job.get("status_since") or job.get("created_ts", "")
+        previous, since = job.get("status"), job.get("status_since", "")  # metrics: created_ts if none
         job.update(after)
         if previous != change.status.value:
             self.observe("transition", {**job, "previous_status": previous or "", "previous_since": since})
@@ -237,13 +237,12 @@ class Pipeline:
             change.fields.setdefault("finished_at", now_iso())
             change.fields.setdefault("message", change.fields["failed_reason"])
             log.error("job failed: %s", change.fields["failed_reason"], extra={"job_id": job["id"]})
-        after = {**job, **{k: str(v) for k, v in change.fields.items()}, "status": change.status.value}
-        news = broadcast(self.settings, job["id"], final_events(after, 0))
+        after, news = ending(self.settings, job, change.status, change.fields)
         seq, admitted = self.store.finish(job["id"], token, change.status, change.fields, broadcast=news)
         if seq < 0:
             log.warning("could not end the job (lease lost or already ended)", extra={"job_id": job["id"]})
             return
-        previous, since = job.get("status", ""), job.get("status_since") or job.get("created_ts", "")
+        previous, since = job.get("status", ""), job.get("status_since", "")  # metrics: created_ts if none
         job.update(after)
         self.observe("ended", {**job, "previous_status": previous, "previous_since": since})
         for admitted_id in admitted:

@@ -15,7 +15,7 @@ from . import SERVICE_NAME, __version__, analysis
 from .api.errors import Conflict, NotFound, ServiceUnavailable, ValidationError
 from .api.validation import AnalyzeRequest
 from .config import Settings
-from .events import broadcast, final_events, now_iso
+from .events import ending, now_iso
 from .jobs import Dedup, JobStore
 from .metrics import MetricsRecorder
 from .model import MESSAGES, JobStatus
@@ -172,8 +172,7 @@ class JobService:
         if JobStatus(record["status"]).terminal:
             raise Conflict(f"the job has already ended ({record['status']})", field="job_id", status=record["status"])
         fields = {"message": MESSAGES[JobStatus.CANCELLED], "finished_at": now_iso(), "cancelled_by": owner}
-        after = {**record, **fields, "status": JobStatus.CANCELLED.value}
-        news = broadcast(self.settings, record["id"], final_events(after, 0))  # the room is told by the end itself
+        after, news = ending(self.settings, record, JobStatus.CANCELLED, fields)  # the end itself tells the room
         seq, admitted = self.store.finish(record["id"], "", JobStatus.CANCELLED, fields, broadcast=news)
         if seq < 0:
             raise Conflict("the job has already ended", field="job_id")

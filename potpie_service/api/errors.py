@@ -64,9 +64,14 @@ class ServiceUnavailable(ApiError):
     status = 503
 
 
+def error_body(error: ApiError) -> dict[str, Any]:
+    """The JSON body every error answer has."""
+    return {"success": False, "error": error.error, "details": error.details}
+
+
 def error_response(error: ApiError) -> tuple[Response, int]:
     """The JSON response for an ApiError."""
-    response = jsonify({"success": False, "error": error.error, "details": error.details})
+    response = jsonify(error_body(error))
     if isinstance(error, Unauthorized):
         response.headers["WWW-Authenticate"] = 'Bearer realm="potpie-service"'
     return response, error.status

@@ -12,8 +12,10 @@ from gunicorn.http.errors import InvalidHeader, UnsupportedTransferCoding
 from gunicorn.workers.gthread import ThreadWorker
 
 from . import SECURITY_HEADERS
+from .errors import ApiError, error_body
 
 _FIELDS = {414: "request line", 431: "headers"}
+_TRANSFER_CODING = "Transfer-Encoding: unsupported transfer coding (only chunked is accepted)"
 
 
 class _UnknownTransferCoding(InvalidHeader):
@@ -23,14 +25,13 @@ class _UnknownTransferCoding(InvalidHeader):
         super().__init__("Transfer-Encoding")
 
     def __str__(self) -> str:
-        return "Transfer-Encoding: unsupported transfer coding (only chunked is accepted)"
+        return _TRANSFER_CODING
 
 
 def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn's `util.write_error` with the API's error shape; the connection closes after it."""
-    field = "Transfer-Encoding" if mesg.startswith("Transfer-Encoding:") else _FIELDS.get(status_int)
-    body = json.dumps({"success": False, "error": mesg or reason,
-                       "details": {"field": field} if field else {}}).encode()
+    field = "Transfer-Encoding" if mesg == _TRANSFER_CODING else _FIELDS.get(status_int)
+    body = json.dumps(error_body(ApiError(mesg or reason, **({"field": field} if field else {})))).encode()
     head = [f"HTTP/1.1 {status_int} {reason}", "Connection: close", "Content-Type: application/json",
             f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in SECURITY_HEADERS)]
     util.write_nonblock(sock, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
