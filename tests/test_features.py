@@ -56,8 +56,7 @@ def test_queue_position_and_eta_in_answer_status_and_events(fifo_stack: Stack, f
     assert fifo_stack.wait_final(running["job_id"])["status"] == "finished"
 
 
-def test_cancel_running_job_stops_it_frees_the_slot_and_never_completes(fifo_stack: Stack, sim_stats,
-                                                                        followers) -> None:
+def test_cancel_running_job_stops_it_frees_the_slot_and_never_completes(fifo_stack: Stack, followers) -> None:
     victim = fifo_stack.submit("slow-parse/cancel-me")
     waiting = fifo_stack.submit("octocat/after-cancel")
     wait_for(lambda: fifo_stack.status(victim["job_id"])["status"] == "parsing", 15, what="the job to run")

@@ -281,17 +281,16 @@ def _hits(marker: str, blobs: list[bytes]) -> list[bytes]:
     return [blob[:200] for blob in blobs if marker.encode() in blob]
 
 
-def test_github_token_reaches_potpie_but_is_never_stored_logged_or_shown(secured: Secured, sim_stats) -> None:
+def test_github_token_reaches_potpie_but_is_never_stored_logged_or_shown(secured: Secured, sim_stats,
+                                                                         followers) -> None:
     marker = uuid.uuid4().hex
     token = f"ghp_{marker}"
     slow, fast = f"slow-parse/tok-{marker[:6]}", f"octocat/tok-{marker[:6]}"
-    events: list[Any] = []
-    watcher = socketio.Client()
-    watcher.on("*", lambda name, data: events.append([name, data]))
-    watcher.connect(secured.url, transports=["websocket"], auth={"token": ALICE}, wait_timeout=5)
+    watcher = followers(secured.url, token=ALICE)
+    others: list[Any] = []  # any event other than the three the follower records
+    watcher.client.on("*", lambda name, data: others.append([name, data]))
     slow_id = secured.submit(repo=slow, github_token=token, question="which token?")["job_id"]
-    joined = watcher.call("join_project", slow_id, timeout=5)
-    assert joined["ok"] is True
+    assert watcher.join(slow_id)["ok"] is True
     fast_id = secured.submit(repo=fast, github_token=token)["job_id"]
     url = secured.stack.redis.url
 
@@ -326,10 +325,8 @@ def test_github_token_reaches_potpie_but_is_never_stored_logged_or_shown(secured
         info = requests.get(f"{secured.flower_url}/api/task/info/{task_id}", auth=FLOWER_AUTH, timeout=5)
         assert info.ok and marker not in info.text
     # /status said finished; the event travels on through Redis, the API and the socket
-    wait_for(lambda: any(name == "analysis_complete" for name, _ in events), 10, what="the analysis_complete event")
-    watcher.disconnect()
-    assert any(name == "analysis_complete" for name, _ in events), events
-    assert marker not in json.dumps(events), "token in a Socket.IO event"
+    assert watcher.wait_final(slow_id, timeout=10)[0] == "analysis_complete"
+    assert marker not in json.dumps([watcher.events, others]), "token in a Socket.IO event"
     assert [text for text in secured.responses if marker in text] == [], "token in an API response"
     logs = {path.name: path.read_text(errors="replace") for path in ARTIFACTS.glob("*.log")}
     assert {"sec-api.log", "sec-worker0.log", "sec-flower.log"} <= set(logs)

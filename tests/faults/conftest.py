@@ -28,10 +28,9 @@ FINAL = ("finished", "failed", "cancelled")
 
 
 def fast_simulator(port: int = 0, **config: Any) -> Simulator:
-    """An in-process simulator that answers without Nagle's 40 ms stall between its header and body writes."""
+    """An in-process simulator with these timings, started."""
     sim = Simulator(SimulatorConfig(api_key=SIM_KEY, **config))
     sim.start(port=port)
-    sim._server.RequestHandlerClass.disable_nagle_algorithm = True  # type: ignore[union-attr]
     return sim
 
 
@@ -168,6 +167,12 @@ class Emissions:
         """Job id -> number of `event`s published."""
         with self.lock:
             return Counter({job: n for (name, job), n in self.counts.items() if name == event})
+
+    def expect_once(self, event: str, job_ids: list[str], timeout: float = 10.0) -> None:
+        """Wait until each job published `event`, give a duplicate time to follow, then require exactly one."""
+        wait_for(lambda: len(self.jobs_with(event)) >= len(job_ids), timeout, what=f"every job's {event}")
+        time.sleep(0.5)
+        assert self.jobs_with(event) == {job_id: 1 for job_id in job_ids}, f"one {event} per job"
 
     def close(self) -> None:
         self.thread.stop()

@@ -43,7 +43,7 @@ def test_api_sigterm_closes_sockets_and_clients_come_back_to_the_final_state(red
         bodies = wait_all_final(stack, ids, timeout=30)
         for client in clients:
             for job_id in ids:
-                wait_for(lambda: client.finals(job_id), 10, what=f"the final event of {job_id}")
+                client.wait_final(job_id, timeout=10)
         time.sleep(0.3)  # anything late would show up now
         for client in clients:
             assert client.connects == 2, "each client reconnected by itself, once"

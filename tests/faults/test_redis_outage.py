@@ -11,7 +11,7 @@ import requests
 from tests.conftest import Stack, make_stack
 from tests.faults.conftest import FAULT_ENV, fast_simulator, states, submit_many, wait_all_final, \
     worker_health
-from tests.stack import Follower, RedisServer, wait_for
+from tests.stack import RedisServer, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -37,35 +37,32 @@ def _nobody_restarted(stack: Stack, pids: list[int]) -> None:
     assert _pids(stack) == pids
 
 
-def test_redis_restart_keeps_queued_and_running_jobs_and_nothing_needs_a_restart(aof_stack: Stack) -> None:
+def test_redis_restart_keeps_queued_and_running_jobs_and_nothing_needs_a_restart(aof_stack: Stack,
+                                                                                   followers) -> None:
     stack, pids = aof_stack, _pids(aof_stack)
-    follower = Follower(stack.url, reconnection_delay_max=1.0).connect()
-    try:
-        ids = submit_many(stack, [f"slow-parse/aof-{i}" for i in range(8)])
-        follower.follow(ids)
-        wait_for(lambda: states(stack, ids).count("parsing") == 3, 10, what="three jobs running")
-        assert states(stack, ids).count("queued") == 5, "five wait for a slot (MAX_CONCURRENT_JOBS=3)"
+    follower = followers(stack.url, reconnection_delay_max=1.0)
+    ids = submit_many(stack, [f"slow-parse/aof-{i}" for i in range(8)])
+    follower.follow(ids)
+    wait_for(lambda: states(stack, ids).count("parsing") == 3, 10, what="three jobs running")
+    assert states(stack, ids).count("queued") == 5, "five wait for a slot (MAX_CONCURRENT_JOBS=3)"
 
-        stack.redis.restart(down_for=1.0)
-        assert states(stack, ids).count("queued") == 5 and states(stack, ids).count("parsing") == 3, \
-            "the AOF brought every job back as it was"
+    stack.redis.restart(down_for=1.0)
+    assert states(stack, ids).count("queued") == 5 and states(stack, ids).count("parsing") == 3, \
+        "the AOF brought every job back as it was"
 
-        bodies = wait_all_final(stack, ids, timeout=60)
-        assert [body["status"] for body in bodies] == ["finished"] * 8
-        late = stack.submit("octocat/aof-after")["job_id"]
-        assert stack.wait_final(late, timeout=20)["status"] == "finished"
-        _nobody_restarted(stack, pids)
-        # The worker consumes again by itself (kombu reconnects); its liveness probe says so.
-        probe = worker_health(stack.env, stack.workers[0].hostname, max_age=3)  # type: ignore[attr-defined]
-        assert probe.returncode == 0, probe.stdout
-        # A client that followed the jobs through the restart got every final event.
-        for job_id, body in zip(ids, bodies):
-            wait_for(lambda: follower.finals(job_id), 10, what=f"the final event of {job_id}")
-            name, payload = follower.finals(job_id)[0]
-            assert name == "analysis_complete" and payload["data"] == body["result"]
-            assert len(follower.finals(job_id)) == 1
-    finally:
-        follower.close()
+    bodies = wait_all_final(stack, ids, timeout=60)
+    assert [body["status"] for body in bodies] == ["finished"] * 8
+    late = stack.submit("octocat/aof-after")["job_id"]
+    assert stack.wait_final(late, timeout=20)["status"] == "finished"
+    _nobody_restarted(stack, pids)
+    # The worker consumes again by itself (kombu reconnects); its liveness probe says so.
+    probe = worker_health(stack.env, stack.workers[0].hostname, max_age=3)  # type: ignore[attr-defined]
+    assert probe.returncode == 0, probe.stdout
+    # A client that followed the jobs through the restart got every final event.
+    for job_id, body in zip(ids, bodies):
+        name, payload = follower.wait_final(job_id, timeout=10)
+        assert name == "analysis_complete" and payload["data"] == body["result"]
+        assert len(follower.finals(job_id)) == 1
 
 
 def test_redis_down_30s_answers_503_fast_and_recovers_by_itself(aof_stack: Stack) -> None:
