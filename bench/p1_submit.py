@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> Report:
     """Interleaved rounds of the baselines and ours at 50 clients; then latency at 8 clients.
 
     Ours runs as deployed: API keys on and the rate limiter on (with a limit no client reaches, so every request
-    pays for its Redis counter); one round with RATE_LIMIT=off shows what the limiter costs.
+    pays for its Redis counter); as many rounds with RATE_LIMIT=off show what the limiter costs.
     """
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: `make bench` installs it (scripts/ensure-tool.sh)")

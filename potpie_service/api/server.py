@@ -15,7 +15,7 @@ from . import SECURITY_HEADERS
 from .errors import ApiError, error_body
 
 _FIELDS = {414: "request line", 431: "headers"}
-_TRANSFER_CODING = "Transfer-Encoding: unsupported transfer coding (only chunked is accepted)"
+_TRANSFER_CODING = "Transfer-Encoding: unsupported transfer coding"
 
 
 class _UnknownTransferCoding(InvalidHeader):
