@@ -26,8 +26,11 @@ class JobStatus(str, Enum):
 TERMINAL = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 _WORKING = {JobStatus.PARSING, JobStatus.READY, JobStatus.PROCESSING_CONVERSATIONS}
+# Potpie answers a parse request with `ready` at once when it already holds the repository at that branch (a
+# second question about the same repository), so a queued job may go straight to ready: parsing is Potpie's work,
+# and none was needed. Within parsing any Potpie status may follow any other (a re-parse goes back to submitted).
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.PARSING, JobStatus.RETRYING, *TERMINAL}),
+    JobStatus.QUEUED: frozenset({JobStatus.PARSING, JobStatus.READY, JobStatus.RETRYING, *TERMINAL}),
     JobStatus.PARSING: frozenset({JobStatus.PARSING, JobStatus.READY, JobStatus.RETRYING, *TERMINAL}),
     JobStatus.READY: frozenset({JobStatus.PROCESSING_CONVERSATIONS, JobStatus.RETRYING, *TERMINAL}),
     JobStatus.PROCESSING_CONVERSATIONS: frozenset({JobStatus.PROCESSING_CONVERSATIONS, JobStatus.RETRYING,

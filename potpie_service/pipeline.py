@@ -146,22 +146,15 @@ class Pipeline:
                                         "message": MESSAGES[JobStatus.FINISHED]})
 
     def _submit_parse(self, job: dict[str, str], working: dict[str, Any]) -> Advance:
-        project_id = None
+        found = None
         if job.get("parse_requested") == "1":  # an earlier try sent the request; did it reach Potpie?
-            project_id = self.potpie.find_project(job["repo"], job["branch"])
-        status = "submitted"
-        if project_id is None:
+            found = self.potpie.find_project(job["repo"], job["branch"])
+        if found is None:
             self.store.mark(job["id"], parse_requested=1)
-            token = self._github_token(job)
-            project_id, status = self.potpie.submit_parse(job["repo"], job["branch"], token)
-        fields = {**working, "potpie_project_id": project_id, "parse_status": status,
-                  "parse_started_at": job.get("parse_started_at") or time.time(),
-                  "progress": analysis.parse_progress(status, analysis.PROGRESS[JobStatus.PARSING]),
-                  "message": f"Potpie is parsing the repository (status: {status})"}
-        if status == analysis.PARSE_READY:
-            return Advance(JobStatus.READY, {**fields, "parsed_at": now_iso(), "progress": 65,
-                                             "message": MESSAGES[JobStatus.READY]})
-        return Advance(JobStatus.PARSING, fields, wait=self.settings.potpie_poll_interval)
+            found = self.potpie.submit_parse(job["repo"], job["branch"], self._github_token(job))
+        project_id, status = found
+        started = {"potpie_project_id": project_id, "parse_started_at": job.get("parse_started_at") or time.time()}
+        return self._parse_outcome(job, {**working, **started}, status, analysis.PROGRESS[JobStatus.PARSING])
 
     def _poll_parse(self, job: dict[str, str], working: dict[str, Any]) -> Advance:
         started = float(job.get("parse_started_at") or time.time())
@@ -169,15 +162,20 @@ class Pipeline:
             raise JobFailed(f"Potpie did not finish parsing within PARSE_TIMEOUT ({self.settings.parse_timeout:g} s); "
                             f"last status: {job.get('parse_status')}")
         status = self.potpie.parse_status(job["potpie_project_id"])
+        return self._parse_outcome(job, working, status, int(job.get("progress") or 0))
+
+    def _parse_outcome(self, job: dict[str, str], fields: dict[str, Any], status: str, progress: int) -> Advance:
+        """What a Potpie parse status means for the job: failed, ready (also straight from a parse request, when
+        Potpie already holds the repository), or still parsing, polled again after the interval."""
         if status == analysis.PARSE_ERROR:
             raise JobFailed("Potpie could not parse the repository (status: error). Check that the repository "
                             "and branch exist and that Potpie can access them.")
         if status == analysis.PARSE_READY:
-            return Advance(JobStatus.READY, {**working, "parse_status": status, "parsed_at": now_iso(),
+            return Advance(JobStatus.READY, {**fields, "parse_status": status, "parsed_at": now_iso(),
                                              "progress": analysis.PROGRESS[JobStatus.READY],
                                              "message": MESSAGES[JobStatus.READY]})
-        progress = analysis.parse_progress(status, int(job.get("progress") or 0))
-        return Advance(JobStatus.PARSING, {**working, "parse_status": status, "progress": progress,
+        return Advance(JobStatus.PARSING, {**fields, "parse_status": status,
+                                           "progress": analysis.parse_progress(status, progress),
                                            "message": f"Potpie is parsing the repository (status: {status})"},
                        wait=self.settings.potpie_poll_interval)
 

@@ -204,8 +204,8 @@ class PotpieClient:
         data = self._call("parse", "POST", "/api/v2/parse", lambda r: r.json(), repeatable=False, json=body)
         return str(data["project_id"]), str(data.get("status") or "submitted")
 
-    def find_project(self, repo: str, branch: str) -> str | None:
-        """The project id Potpie holds for repo@branch, or None when it has none."""
+    def find_project(self, repo: str, branch: str) -> tuple[str, str] | None:
+        """(project id, parse status) of the project Potpie holds for repo@branch, or None when it has none."""
         try:
             data = self._call("parsing_status_by_repo", "POST", "/api/v2/parsing-status", lambda r: r.json(),
                               json={"repo_name": repo, "branch_name": branch})
@@ -213,7 +213,7 @@ class PotpieClient:
             if exc.status == 404:
                 return None
             raise
-        return str(data["project_id"])
+        return str(data["project_id"]), str(data.get("status") or "submitted")
 
     def parse_status(self, project_id: str) -> str:
         """Potpie's parsing status for a project (submitted, cloned, parsed, inferring, ready, error…)."""

@@ -236,6 +236,8 @@ class Simulator:
         elapsed, scenario, cfg = time.monotonic() - project.created, project.scenario, self.config
         if scenario == "stuck":
             return "submitted"
+        if scenario == "already-parsed":
+            return "ready"
         if scenario == "parse-error":
             half = cfg.parse_seconds / 2
             return "error" if elapsed >= half else ("cloned" if elapsed >= half / 2 else "submitted")
@@ -325,7 +327,9 @@ class Simulator:
             self.by_key[key] = project.id
         if scenario == "timeout" and first:  # the project is saved, the answer is slow (as a busy server)
             time.sleep(self.config.hang_seconds)
-        return Reply(body={"project_id": project.id, "status": "submitted"})
+        # a new project starts `submitted`; Potpie's demo repositories (here: the already-parsed owner) are `ready`
+        return Reply(body={"project_id": project.id, "status": self.status_of(project) if scenario == "already-parsed"
+                           else "submitted"})
 
     def _status_reply(self, project: Project, missing: str, payload: dict[str, Any]) -> Reply:
         """Answer a parsing-status request for a known project, applying its scenario."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from potpie_service.simulator import Simulator, SimulatorConfig  # noqa: E402
-from tests.stack import Follower, RedisServer, Service, service_env, start_api, start_worker, wait_for  # noqa: E402
+from tests.stack import Emissions, Follower, RedisServer, Service, service_env, start_api, start_worker, wait_for  # noqa: E402
 
 SIM_KEY = "sk-simulator"
 
@@ -99,6 +100,10 @@ class Stack:
 
         return wait_for(final, timeout, interval=0.1, what=f"job {job_id} to end")  # type: ignore[return-value]
 
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Every JSON log line of the stack's workers (past and present) and API."""
+        return [line for service in [*self.workers, self.api] for line in service.log_lines()]
+
     def stop(self) -> None:
         self.api.stop()
         for worker in self.workers:
@@ -131,3 +136,18 @@ def simulator_stats(sim: Any) -> dict:
 def sim_stats(simulator: Simulator) -> Callable[[], dict]:
     """The session simulator's request counters: `sim_stats()`."""
     return lambda: simulator_stats(simulator)
+
+
+@pytest.fixture
+def emissions() -> Iterator[Callable[[Stack], Emissions]]:
+    """A factory of Emissions listeners on a stack's channel, closed after the test."""
+    made: list[Emissions] = []
+
+    def listen(stack: Stack) -> Emissions:
+        made.append(Emissions(stack.env["REDIS_URL"], stack.env["QUEUE_NAME"]))
+        time.sleep(0.1)  # the SUBSCRIBE is in place before the test makes events
+        return made[-1]
+
+    yield listen
+    for listener in made:
+        listener.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -113,6 +115,49 @@ class Follower:
 
     def close(self) -> None:
         self.client.shutdown()  # disconnect() would leave a reconnecting client retrying after the test
+
+
+class Emissions:
+    """Every event the store publishes, read from the Redis channel all API processes listen on: (name, payload)
+    in publish order, whether or not any Socket.IO client was there to get it."""
+
+    def __init__(self, redis_url: str, queue_name: str) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        self.pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(**{f"psvc-{queue_name}": self._on_message})
+        self.thread = self.pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        packet = json.loads(message["data"])
+        if packet.get("method") == "emit":
+            with self.lock:
+                self.events.append((packet["event"], packet["data"][0]))
+
+    def of(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """(event name, payload) published for the job, in order."""
+        with self.lock:
+            return [(name, payload) for name, payload in self.events if payload.get("job_id") == job_id]
+
+    def count(self, event: str, job_id: str) -> int:
+        """How many times `event` was published for the job."""
+        return sum(1 for name, _ in self.of(job_id) if name == event)
+
+    def jobs_with(self, event: str) -> Counter[str]:
+        """Job id -> number of `event`s published."""
+        with self.lock:
+            return Counter(payload.get("job_id", "") for name, payload in self.events if name == event)
+
+    def expect_once(self, event: str, job_ids: list[str], timeout: float = 10.0) -> None:
+        """Wait until each job published `event`, give a duplicate time to follow, then require exactly one."""
+        wait_for(lambda: len(self.jobs_with(event)) >= len(job_ids), timeout, what=f"every job's {event}")
+        time.sleep(0.5)
+        assert self.jobs_with(event) == {job_id: 1 for job_id in job_ids}, f"one {event} per job"
+
+    def close(self) -> None:
+        self.thread.stop()
+        self.thread.join(timeout=2)  # the thread's last read ends before its socket closes
+        self.pubsub.close()
 
 
 class Receiver:
@@ -274,6 +319,17 @@ class Service:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The JSON lines of the process's log (past runs under the same name included)."""
+        lines: list[dict[str, Any]] = []
+        for raw in self.log().splitlines():
+            if raw.startswith("{"):
+                try:
+                    lines.append(json.loads(raw))
+                except ValueError:  # a line cut by a kill -9
+                    continue
+        return lines
 
 
 def service_env(redis_url: str, potpie_url: str, **overrides: str) -> dict[str, str]:

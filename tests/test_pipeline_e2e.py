@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 from datetime import datetime
 from typing import Iterator
 
@@ -10,7 +12,7 @@ import pytest
 import requests
 
 from tests.conftest import Stack, make_stack
-from tests.stack import wait_for
+from tests.stack import Emissions, wait_for
 
 
 def test_happy_path_result_field_by_field(stack: Stack, sim_stats) -> None:
@@ -94,13 +96,73 @@ def test_transient_failures_are_retried_inside_the_step(stack: Stack, repo: str)
     assert final["attempts"] == 1, "tenacity absorbed the failure without a job-level retry"
 
 
-def test_parse_that_timed_out_is_looked_up_not_requested_again(stack: Stack, sim_stats) -> None:
+def test_parse_that_timed_out_is_looked_up_not_requested_again(stack: Stack, sim_stats, emissions) -> None:
     # The first POST /parse hangs past REQUEST_TIMEOUT but Potpie did create the project: the step does not
-    # repeat the request; the job-level retry asks Potpie by repo first and finds it.
-    final = stack.wait_final(stack.submit("timeout/lookup")["job_id"], timeout=40)
+    # repeat the request; the job-level retry asks Potpie by repo first and finds it, parsed by then (0.6 s).
+    published = emissions(stack)
+    job_id = stack.submit("timeout/lookup")["job_id"]
+    final = stack.wait_final(job_id, timeout=40)
     assert final["status"] == "finished", final
     assert final["attempts"] == 2
     assert sim_stats()["parse_calls"]["timeout/lookup@main"] == 1
+    states = _states(published, job_id)
+    assert states[states.index("retrying") + 1] == "ready", f"the lookup found the project ready: {states}"
+
+
+def _states(published: Emissions, job_id: str) -> list[str]:
+    """The statuses of the job's published status updates, in order."""
+    return [payload["status"] for name, payload in published.of(job_id) if name == "status_update"]
+
+
+def _retries_counted(stack: Stack) -> float:
+    text = requests.get(stack.url + "/metrics", timeout=5).text
+    return float(re.search(r"^potpie_job_retries_total (\S+)$", text, re.MULTILINE).group(1))
+
+
+def _straight_to_ready(stack: Stack, published: Emissions, job_id: str) -> None:
+    """The job finished on its first attempt through queued -> ready (no parsing, no retrying, no ERROR line),
+    and ran every step after the parse: the answer and the structured analysis are in the result."""
+    final = stack.wait_final(job_id)
+    assert final["status"] == "finished" and final["attempts"] == 1, final
+    wait_for(lambda: published.count("analysis_complete", job_id), 5, what="the final event")
+    time.sleep(0.5)  # time for a duplicate to follow
+    assert published.count("analysis_complete", job_id) == 1
+    updates = [payload for name, payload in published.of(job_id)
+               if name == "status_update" and payload["status"] != "queued"]  # queue-position updates aside
+    states = [update["status"] for update in updates]
+    assert states[0] == "ready" and "parsing" not in states and "retrying" not in states, states
+    assert updates[0]["progress"] == 65 and updates[0]["message"] == "Parsing completed, starting conversations..."
+    assert [u["progress"] for u in updates] == sorted(u["progress"] for u in updates)
+    assert states[-1] == "finished" and "processing_conversations" in states
+    result = final["result"]
+    assert result["parsing_status"] == "ready" and result["answer"] and result["snippets_count"] == 3
+    errors = [line for line in stack.log_lines()
+              if line["level"] == "error" and (line.get("job_id") == job_id or "refused" in line["message"])]
+    assert errors == []
+
+
+def test_a_parse_that_is_ready_at_once_goes_straight_to_ready(stack: Stack, sim_stats, emissions) -> None:
+    published = emissions(stack)
+    retries = _retries_counted(stack)
+    job_id = stack.submit("already-parsed/demo")["job_id"]
+    _straight_to_ready(stack, published, job_id)
+    assert _retries_counted(stack) == retries, "no retry is counted"
+    assert sim_stats()["parse_calls"]["already-parsed/demo@main"] == 1
+
+
+def test_a_repeat_analysis_of_the_same_repo_is_ready_at_once(stack: Stack, sim_stats, emissions) -> None:
+    published = emissions(stack)
+    repo = f"octocat/repeat-{uuid.uuid4().hex[:8]}"
+    first = stack.submit(repo, question="What does it do?")["job_id"]
+    assert stack.wait_final(first)["status"] == "finished"
+    assert "parsing" in _states(published, first)
+    retries = _retries_counted(stack)
+    second = stack.submit(repo, question="Where is the entry point?")["job_id"]
+    _straight_to_ready(stack, published, second)
+    assert _retries_counted(stack) == retries, "no retry is counted"
+    # each job asked Potpie to parse once, and Potpie answered the second with the project it holds, ready
+    assert sim_stats()["parse_calls"][f"{repo}@main"] == 2
+    assert stack.status(second)["potpie_project_id"] == stack.status(first)["potpie_project_id"]
 
 
 def test_malformed_agent_json_keeps_the_raw_text(stack: Stack) -> None:

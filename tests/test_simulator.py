@@ -207,6 +207,12 @@ def test_same_repo_returns_same_project(sim: Simulator) -> None:
     assert calls == {"acme/same@main": 4, "acme/same@other": 1}  # the commit-pinned call shares the branch key
 
 
+def test_already_parsed_owner_is_ready_at_once(sim: Simulator) -> None:
+    body = parse(sim, "already-parsed/demo").json()
+    assert body["status"] == "ready"
+    assert get(sim, f"/api/v2/parsing-status/{body['project_id']}").json() == {"status": "ready", "latest": True}
+
+
 def test_parse_validation_errors(sim: Simulator) -> None:
     for body in ({}, {"branch_name": "main"}, {"repo_name": 5}, [1]):
         response = post(sim, "/api/v2/parse", body)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections import Counter
 from typing import Any, Callable, Iterator
 
 import pytest
-import redis
 import requests
 
 from potpie_service.simulator import Simulator, SimulatorConfig
@@ -127,69 +123,3 @@ def worker_health(env: dict[str, str], hostname: str, max_age: float) -> subproc
                           timeout=30)
 
 
-def log_lines(stack: Stack) -> list[dict[str, Any]]:
-    """Every JSON log line of the stack's workers (past and present) and API."""
-    lines: list[dict[str, Any]] = []
-    for service in [*stack.workers, stack.api]:
-        for raw in service.log().splitlines():
-            if raw.startswith("{"):
-                try:
-                    lines.append(json.loads(raw))
-                except ValueError:  # a line cut by a kill -9
-                    continue
-    return lines
-
-
-class Emissions:
-    """Every event the workers publish, read from the Redis channel all API processes listen on."""
-
-    def __init__(self, redis_url: str, queue_name: str) -> None:
-        self.counts: Counter[tuple[str, str]] = Counter()
-        self.lock = threading.Lock()
-        self.pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(**{f"psvc-{queue_name}": self._on_message})
-        self.thread = self.pubsub.run_in_thread(sleep_time=0.05, daemon=True)
-
-    def _on_message(self, message: dict[str, Any]) -> None:
-        packet = json.loads(message["data"])
-        if packet.get("method") != "emit":
-            return
-        payload = packet["data"][0]
-        with self.lock:
-            self.counts[(packet["event"], payload.get("job_id", ""))] += 1
-
-    def count(self, event: str, job_id: str) -> int:
-        """How many times `event` was published for the job."""
-        with self.lock:
-            return self.counts[(event, job_id)]
-
-    def jobs_with(self, event: str) -> Counter[str]:
-        """Job id -> number of `event`s published."""
-        with self.lock:
-            return Counter({job: n for (name, job), n in self.counts.items() if name == event})
-
-    def expect_once(self, event: str, job_ids: list[str], timeout: float = 10.0) -> None:
-        """Wait until each job published `event`, give a duplicate time to follow, then require exactly one."""
-        wait_for(lambda: len(self.jobs_with(event)) >= len(job_ids), timeout, what=f"every job's {event}")
-        time.sleep(0.5)
-        assert self.jobs_with(event) == {job_id: 1 for job_id in job_ids}, f"one {event} per job"
-
-    def close(self) -> None:
-        self.thread.stop()
-        self.thread.join(timeout=2)  # the thread's last read ends before its socket closes
-        self.pubsub.close()
-
-
-@pytest.fixture
-def emissions() -> Iterator[Callable[[Stack], Emissions]]:
-    """A factory of Emissions listeners on a stack's channel, closed after the test."""
-    made: list[Emissions] = []
-
-    def listen(stack: Stack) -> Emissions:
-        made.append(Emissions(stack.env["REDIS_URL"], stack.env["QUEUE_NAME"]))
-        time.sleep(0.1)  # the SUBSCRIBE is in place before the test makes events
-        return made[-1]
-
-    yield listen
-    for listener in made:
-        listener.close()

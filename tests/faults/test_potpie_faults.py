@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from tests.faults.conftest import log_lines, wait_all_final, worker_health
+from tests.faults.conftest import wait_all_final, worker_health
 from tests.conftest import simulator_stats
 from tests.stack import free_port, wait_for
 
@@ -84,7 +84,7 @@ def gateway(simulators) -> Iterator[tuple[Gateway, Any]]:
 
 
 def _failure_lines(stack, job_id: str) -> list[dict[str, Any]]:
-    return [line for line in log_lines(stack) if line.get("job_id") == job_id and line["level"] == "error"]
+    return [line for line in stack.log_lines() if line.get("job_id") == job_id and line["level"] == "error"]
 
 
 def test_potpie_unreachable_then_up(redis_server, simulators, stacks) -> None:

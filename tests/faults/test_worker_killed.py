@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.faults.conftest import log_lines, pool_children, states, submit_many, wait_all_final
+from tests.faults.conftest import pool_children, states, submit_many, wait_all_final
 from tests.conftest import simulator_stats
 from tests.stack import start_worker, wait_for
 
@@ -62,6 +62,6 @@ def test_kill_9_three_rounds_loses_nothing_and_repeats_nothing(redis_server, sim
     # Potpie was asked to parse each repository once: a resumed job asks Potpie what it holds before asking again.
     assert simulator_stats(sim)["parse_calls"] == {f"slow-parse/kill-{i}@main": 1 for i in range(JOBS)}
     # The kills were felt: the sweeper re-dispatched the steps the killed main processes held.
-    revived = [line for line in log_lines(stack) if "dispatching it again" in line.get("message", "")]
+    revived = [line for line in stack.log_lines() if "dispatching it again" in line.get("message", "")]
     assert revived, "no step had to be revived: the kills hit nothing"
 
