@@ -3,12 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 
 .PHONY: install test test-fast dev bench lint constraints clean
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(RUNTIME_STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
 
@@ -23,8 +28,9 @@ test: install ## the whole suite (starts its own throwaway Redis servers)
 test-fast: install ## everything but the slow fault-injection and load tests
 	$(PY) -m pytest -m "not slow"
 
-dev: install ## the whole stack in the foreground: Redis, simulator (without POTPIE_API_KEY), API, worker, Flower
-	$(PY) scripts/dev.py
+dev: $(RUNTIME_STAMP) ## the whole stack in the foreground: Redis, simulator (without POTPIE_API_KEY), API, worker, Flower
+	@scripts/ensure-tool.sh redis-server redis-server "make dev starts a Redis when none answers (or REDIS=fresh)"
+	DEV_REDIS=$(REDIS) $(PY) scripts/dev.py
 
 bench: install ## benchmarks; writes docs/performance.md
 	@scripts/ensure-tool.sh wrk wrk "the P1 benchmark load generator"

@@ -1,6 +1,8 @@
 """`make dev`: the whole stack in the foreground — Redis, the Potpie simulator (without a key), API, worker, Flower.
 
 Ctrl-C stops everything this script started. Settings come from .env and the environment, as in production.
+`make dev REDIS=fresh` (DEV_REDIS=fresh) starts a throwaway Redis on a free port instead of reusing one.
+The run's API key is written to .dev/api-key, which the README's commands read.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,16 +19,17 @@ from pathlib import Path
 
 import redis
 from dotenv import load_dotenv
+from redis.exceptions import RedisError
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from potpie_service.auth import new_key  # noqa: E402
 from potpie_service.config import ConfigError, Settings  # noqa: E402
+from potpie_service.runtime import make_store  # noqa: E402
 from potpie_service.tokens import new_key as new_token_key  # noqa: E402
 
-SIMULATOR_PORT = 8765
-FLOWER_PORT = 5555
+KEY_FILE = ROOT / ".dev" / "api-key"
 
 
 def reachable(url: str) -> bool:
@@ -35,10 +39,26 @@ def reachable(url: str) -> bool:
         return False
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def held_jobs(url: str, queue_name: str) -> int:
+    """How many job records of this queue a reused Redis holds already (counted from the store's indexes)."""
+    settings = Settings.from_env({"REDIS_URL": url, "QUEUE_NAME": queue_name})
+    try:
+        return make_store(settings).stats()["total"]
+    except RedisError:
+        return 0
+
+
 def main() -> int:
     if (ROOT / ".env").exists():
         load_dotenv(ROOT / ".env", override=False)
     env = dict(os.environ)
+    sim_port, flower_port = env.get("SIMULATOR_PORT", "8765"), env.get("FLOWER_PORT", "5555")
     children: list[tuple[str, subprocess.Popen]] = []
     data_dir = None
 
@@ -51,11 +71,12 @@ def main() -> int:
         print(f"make dev: {exc}", file=sys.stderr)
         return 2
 
-    if not reachable(settings.redis_url):
-        if env.get("REDIS_URL"):
+    fresh = env.get("DEV_REDIS", "").lower() == "fresh"
+    if fresh or not reachable(settings.redis_url):
+        if env.get("REDIS_URL") and not fresh:
             print("make dev: REDIS_URL is set but Redis does not answer there", file=sys.stderr)
             return 2
-        port = settings.redis_port
+        port = free_port() if fresh else settings.redis_port
         binary = shutil.which("redis-server")
         if not binary:
             print("make dev: no Redis reachable and no redis-server binary (apt-get install redis-server)",
@@ -69,14 +90,21 @@ def main() -> int:
             if reachable(env["REDIS_URL"]):
                 break
             time.sleep(0.1)
+        redis_note = "(started by make dev, empty; gone when it stops)"
     else:
         env.setdefault("REDIS_URL", settings.redis_url)
+        held = held_jobs(env["REDIS_URL"], settings.queue_name)
+        redis_note = "(already running: reused"
+        if held:
+            redis_note += (f"; it holds {held} jobs of queue {settings.queue_name} from earlier runs, which show in "
+                           "/jobs and on the board. For an empty Redis: make dev REDIS=fresh")
+        redis_note += ")"
 
     if not env.get("POTPIE_API_KEY"):
         env["POTPIE_API_KEY"] = env["SIMULATOR_API_KEY"] = "sk-simulator"
-        env["POTPIE_BASE_URL"] = f"http://127.0.0.1:{SIMULATOR_PORT}"
+        env["POTPIE_BASE_URL"] = f"http://127.0.0.1:{sim_port}"
         env.setdefault("POTPIE_POLL_INTERVAL", "1")
-        start("simulator", [sys.executable, "-m", "potpie_service", "simulator", "--port", str(SIMULATOR_PORT),
+        start("simulator", [sys.executable, "-m", "potpie_service", "simulator", "--port", sim_port,
                             "--parse-seconds", env.get("SIMULATOR_PARSE_SECONDS", "8")])
     if not env.get("TOKEN_ENCRYPTION_KEY"):
         env["TOKEN_ENCRYPTION_KEY"] = new_token_key()  # this run only; set one in .env to keep tokens across runs
@@ -90,7 +118,7 @@ def main() -> int:
     start("api", [sys.executable, "-m", "potpie_service", "api"])
     start("worker", [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=INFO", "-E",
                      "--concurrency=2"])
-    start("flower", [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={FLOWER_PORT}"])
+    start("flower", [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={flower_port}"])
 
     port = env.get("PORT", "8080")
     lines = [
@@ -98,18 +126,22 @@ def main() -> int:
         "potpie-service dev stack is starting (Ctrl-C stops everything):",
         f"  API         http://localhost:{port}/        (health: /health, Socket.IO at /socket.io/)",
         f"  Job board   http://localhost:{port}/board",
-        f"  Flower      http://localhost:{FLOWER_PORT}/  (user:password {flower_auth})",
-        f"  Redis       {env['REDIS_URL'].split('@')[-1]}",
+        f"  Flower      http://localhost:{flower_port}/  (user:password {flower_auth})",
+        f"  Redis       {env['REDIS_URL'].split('@')[-1]}  {redis_note}",
         f"  Potpie      {env.get('POTPIE_BASE_URL', 'https://production-api.potpie.ai')}"
         + ("  (simulator: no POTPIE_API_KEY set)" if env.get("SIMULATOR_API_KEY") else ""),
     ]
     if dev_key:
-        lines += [f"  API key     {dev_key}   (this run only; send as Authorization: Bearer <key>)",
+        KEY_FILE.parent.mkdir(exist_ok=True)
+        KEY_FILE.write_text(dev_key + "\n")
+        KEY_FILE.chmod(0o600)
+        lines += [f"  API key     {dev_key}   (this run only; also in {KEY_FILE.relative_to(ROOT)})",
                   "",
-                  "Try it:",
-                  f"  curl -X POST localhost:{port}/analyze -H 'Authorization: Bearer {dev_key}' "
+                  "Try it (in another terminal, in this directory):",
+                  f"  export KEY=$(cat {KEY_FILE.relative_to(ROOT)})",
+                  f"  curl -X POST localhost:{port}/analyze -H \"Authorization: Bearer $KEY\" "
                   "-H 'Content-Type: application/json' -d '{\"repo\": \"octocat/Hello-World\"}'",
-                  f"  POTPIE_SERVICE_API_KEY={dev_key} .venv/bin/python -m potpie_service analyze octocat/Hello-World"]
+                  "  POTPIE_SERVICE_API_KEY=$KEY .venv/bin/python -m potpie_service analyze octocat/Hello-World"]
     print("\n".join(lines) + "\n", flush=True)
 
     def stop(*_: object) -> None:
