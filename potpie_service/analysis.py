@@ -63,6 +63,16 @@ def next_step(job: Mapping[str, str]) -> Step:
     return Step.FINISH
 
 
+def parse_state(status: str) -> JobStatus:
+    """The job status a Potpie parse status means: ready, failed (error), else still parsing (any other value,
+    including statuses Potpie may add later)."""
+    if status == PARSE_READY:
+        return JobStatus.READY
+    if status == PARSE_ERROR:
+        return JobStatus.FAILED
+    return JobStatus.PARSING
+
+
 def parse_progress(status: str, current: int) -> int:
     """Progress for a Potpie parse status; never moves backwards."""
     return max(current, PARSE_PROGRESS.get(status, current + 1 if current < 58 else current))

@@ -167,10 +167,11 @@ class Pipeline:
     def _parse_outcome(self, job: dict[str, str], fields: dict[str, Any], status: str, progress: int) -> Advance:
         """What a Potpie parse status means for the job: failed, ready (also straight from a parse request, when
         Potpie already holds the repository), or still parsing, polled again after the interval."""
-        if status == analysis.PARSE_ERROR:
+        state = analysis.parse_state(status)
+        if state is JobStatus.FAILED:
             raise JobFailed("Potpie could not parse the repository (status: error). Check that the repository "
                             "and branch exist and that Potpie can access them.")
-        if status == analysis.PARSE_READY:
+        if state is JobStatus.READY:
             return Advance(JobStatus.READY, {**fields, "parse_status": status, "parsed_at": now_iso(),
                                              "progress": analysis.PROGRESS[JobStatus.READY],
                                              "message": MESSAGES[JobStatus.READY]})

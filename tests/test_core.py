@@ -12,6 +12,7 @@ from potpie_service.analysis import Step
 from potpie_service.api.errors import ValidationError
 from potpie_service.api.validation import analyze_request, check_branch, check_repo
 from potpie_service.config import ConfigError, Settings
+from potpie_service.model import JobStatus, can_move
 from tests.stack import ROOT
 
 
@@ -28,6 +29,30 @@ def test_next_step_follows_what_the_job_already_holds() -> None:
     assert analysis.next_step(job) is Step.ASK_STRUCTURED
     job["analysis_text"] = "{}"
     assert analysis.next_step(job) is Step.FINISH
+
+
+# Parse status sequences Potpie's code can produce (API-FACTS §3): the February, June and August builds, a parse
+# request answered `ready` (already parsed) or `inferring` (in progress), a re-parse going back to `submitted`,
+# `processing` (in the enum, never written), a status Potpie may add later, and `error` at any point.
+POTPIE_SEQUENCES = [
+    ["submitted", "cloned", "parsed", "inferring", "ready"], ["submitted", "parsed", "inferring", "ready"],
+    ["submitted", "ready"], ["ready"], ["inferring", "ready"], ["inferring", "submitted", "cloned", "ready"],
+    ["created", "processing", "ready"], ["submitted", "indexing", "ready"], ["submitted", "cloned", "error"],
+    ["parsed", "error"], ["error"],
+]
+
+
+@pytest.mark.parametrize("sequence", POTPIE_SEQUENCES, ids="-".join)
+@pytest.mark.parametrize("start", [JobStatus.QUEUED, JobStatus.RETRYING])
+def test_every_parse_sequence_potpie_produces_is_an_allowed_path(start: JobStatus, sequence: list[str]) -> None:
+    current = start  # a new job, or one resumed by a job-level retry
+    for status in sequence:
+        state = analysis.parse_state(status)
+        assert can_move(current, state), f"{current.value} -> {state.value} ({status})"
+        current = state
+    assert current in (JobStatus.READY, JobStatus.FAILED)
+    assert can_move(current, JobStatus.PROCESSING_CONVERSATIONS) or current is JobStatus.FAILED
+    assert all(can_move(state, JobStatus.RETRYING) for state in (JobStatus.PARSING, JobStatus.READY))
 
 
 def test_parse_progress_is_monotonic_and_unknown_statuses_creep() -> None:
