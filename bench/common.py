@@ -23,9 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from potpie_service.config import Settings  # noqa: E402
 from tests.stack import RedisServer, Service, free_port, service_env, start_api, start_worker, wait_for  # noqa: E402
 
 __all__ = ["RedisServer", "Service", "free_port", "service_env", "start_api", "start_worker", "wait_for"]
+
+DEPLOYED = Settings()  # the defaults a plain deployment runs with (the worker's pool and concurrency)
 
 SIM_KEY = "sk-simulator"
 PROBE = "bench:potpie:"  # bench.probe_worker's per-job Potpie time, read by P3
@@ -180,21 +183,40 @@ def pct(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def start_simulator(parse_seconds: float = 0.0, latency_ms: float = 0.0, name: str = "bench-sim") -> Service:
+def start_simulator(parse_seconds: float = 0.0, latency_ms: float = 0.0, name: str = "bench-sim",
+                    message_seconds: float = 0.0) -> Service:
     """The Potpie simulator in its own process (so its CPU is not counted against the bench's clients)."""
     port = free_port()
     args = [sys.executable, "-m", "potpie_service", "simulator", "--port", str(port), "--api-key", SIM_KEY,
-            "--parse-seconds", str(parse_seconds), "--latency-ms", str(latency_ms)]
+            "--parse-seconds", str(parse_seconds), "--latency-ms", str(latency_ms),
+            "--message-seconds", str(message_seconds)]
     service = Service(name, args, dict(os.environ)).start()
     service.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
     wait_for(lambda: requests.get(service.url + "/health", timeout=1).ok, 20, what="simulator")
     return service
 
 
+def submit_all(api_url: str, repos: list[str], clients: int = 8) -> list[str]:
+    """POST /analyze for each repository from `clients` threads (a session each); the job ids, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+
+    def submit(repo: str) -> str:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        response = local.session.post(api_url + "/analyze", json={"repo": repo}, timeout=30)
+        assert response.status_code == 202, response.text
+        return response.json()["job_id"]
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(submit, repos))
+
+
 def bench_env(redis_url: str, potpie_url: str, queue: str, **overrides: str) -> dict[str, str]:
     """A service environment for benchmarks: production-like intervals unless overridden."""
     return service_env(redis_url, potpie_url, QUEUE_NAME=queue, WORKER_HEARTBEAT_INTERVAL="2",
-                       STEP_GRACE="60", **overrides)
+                       STEP_GRACE="60", REQUEST_TIMEOUT=str(DEPLOYED.request_timeout_ms), **overrides)
 
 
 def cli(name: str, body: Callable[[argparse.Namespace], Report],
@@ -234,12 +256,14 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def start_celery(env: dict[str, str], name: str, app: str = "workers", pool: str = "prefork", concurrency: int = 2,
-                 queues: str | None = None, heartbeat: bool = True) -> Service:
-    """A Celery worker of `app` with the given pool; waits for its heartbeat (our app) or a ping (others)."""
+def start_celery(env: dict[str, str], name: str, app: str = "workers", pool: str | None = None,
+                 concurrency: int | None = None, queues: str | None = None, heartbeat: bool = True) -> Service:
+    """A Celery worker of `app`; pool and concurrency as deployed (WORKER_POOL, WORKER_CONCURRENCY) unless given;
+    waits for its heartbeat (our app) or a ping (others)."""
     hostname = f"{name}-{free_port()}@localhost"
-    args = [sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel=INFO", f"--pool={pool}",
-            f"--concurrency={concurrency}", f"--hostname={hostname}", "--without-gossip", "--without-mingle"]
+    args = [sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel=INFO", f"--hostname={hostname}",
+            "--without-gossip", "--without-mingle", *([f"--pool={pool}"] if pool else []),
+            *([f"--concurrency={concurrency}"] if concurrency else [])]
     if app == "workers" or app == "bench.probe_worker":
         args.append("-E")  # as deployed: Flower sees task events
     if queues:

@@ -21,7 +21,7 @@ import requests
 
 from . import chain_app
 from .chain_app import RESULTS
-from .common import (PROBE, RedisServer, Report, Row, Service, bench_env, cli, pct, start_api, start_celery,
+from .common import (DEPLOYED, PROBE, RedisServer, Report, Row, Service, bench_env, cli, pct, start_api, start_celery,
                      start_simulator, tree_cpu_s, wait_for)
 
 POLL = 0.05
@@ -66,7 +66,8 @@ def _sequential(submit: Callable[[], str], done: Callable[[str], bool], count: i
 
 def run(args: argparse.Namespace) -> Report:
     """Sequential jobs for own time, then a burst for throughput, ours and the baseline, same Redis and simulator."""
-    config = f"{args.workers} x {args.pool} {args.concurrency}"
+    pool, concurrency = args.pool or DEPLOYED.worker_pool, args.concurrency or DEPLOYED.worker_concurrency
+    config = f"{args.workers} x {pool} {concurrency}" + ("" if args.pool or args.concurrency else ", as deployed")
     report = Report(f"P3 job overhead ({config})")
     server, sim = RedisServer().start(), start_simulator(parse_seconds=0)
     services: list[Service] = [sim]
@@ -81,7 +82,9 @@ def run(args: argparse.Namespace) -> Report:
         services.append(start_api(env, "bench-p3-api"))
         workers = [start_celery(env, f"bench-p3-worker{i}", "bench.probe_worker", args.pool, args.concurrency)
                    for i in range(args.workers)]
-        chain_workers = [start_celery(chain_env, f"bench-p3-chain{i}", "bench.chain_app", args.pool, args.concurrency,
+        # the baseline: a bare chain as Celery runs by default (prefork 4), unless a pool is named for both
+        chain_workers = [start_celery(chain_env, f"bench-p3-chain{i}", "bench.chain_app", args.pool or "prefork",
+                                      args.concurrency or 4,
                                       queues=queue + "-chain", heartbeat=False) for i in range(args.workers)]
         services += [*workers, *chain_workers]
         roots = [w.proc.pid for w in workers]
@@ -150,7 +153,8 @@ def run(args: argparse.Namespace) -> Report:
         server.cleanup()
     report.rows.append(Row(report.name, f"jobs/s end to end, burst of {args.jobs}", round(base_rate, 1),
                            round(our_rate, 1), ">= 100 jobs/s", our_rate >= 100 and failed == 0,
-                           f"{args.workers} x {args.pool} pool, concurrency {args.concurrency}"))
+                           f"{args.workers} x {pool} pool, concurrency {concurrency}; baseline: "
+                           f"{args.pool or 'prefork'} {args.concurrency or 4}"))
     report.rows.append(Row(report.name, "own time per job p50 ms (one job at a time)", round(pct(base_own, 50), 2),
                            round(pct(own, 50), 2), "<= 30 ms", pct(own, 50) <= 30,
                            f"p99 ours {pct(own, 99):.1f} / baseline {pct(base_own, 99):.1f} ms"))
@@ -174,8 +178,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequential", type=int, default=20, help="one-at-a-time jobs per round (own time)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="worker processes on the one host")
-    parser.add_argument("--pool", default="prefork", help="worker pool (prefork, threads)")
-    parser.add_argument("--concurrency", type=int, default=4, help="the deployed default is 4")
+    parser.add_argument("--pool", default=None, help="worker pool (default: as deployed, WORKER_POOL's default)")
+    parser.add_argument("--concurrency", type=int, default=None, help="default: as deployed (WORKER_CONCURRENCY)")
     parser.add_argument("--log-level", default="info")
 
 

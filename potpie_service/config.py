@@ -142,7 +142,7 @@ class Settings:
     potpie_base_url: str = _env("POTPIE_BASE_URL", "https://production-api.potpie.ai")
     potpie_poll_interval: float = _env("POTPIE_POLL_INTERVAL", "5", _float(0.05))
     parse_timeout: float = _env("PARSE_TIMEOUT", "3600", _float(1))
-    request_timeout_ms: int = _env("REQUEST_TIMEOUT", "60000", _int(100))
+    request_timeout_ms: int = _env("REQUEST_TIMEOUT", "120000", _int(100))
     potpie_call_attempts: int = _env("POTPIE_CALL_ATTEMPTS", "3", _int(1, 10))
     potpie_stream: bool = _env("POTPIE_STREAM", "true", _bool)
     redis_url_raw: str = _env("REDIS_URL", "", _redis_url, secret=True)
@@ -156,6 +156,7 @@ class Settings:
     redis_tls_cert_path: str = _env("REDIS_TLS_CERT_PATH", "", _existing_file)
     redis_tls_key_path: str = _env("REDIS_TLS_KEY_PATH", "", _existing_file)
     redis_tls_reject_unauthorized: bool = _env("REDIS_TLS_REJECT_UNAUTHORIZED", "true", _bool)
+    redis_max_connections: int = _env("REDIS_MAX_CONNECTIONS", "200", _int(4, 10000))
     max_concurrent_jobs: int = _env("MAX_CONCURRENT_JOBS", "5", _int(1, 100000))
     max_retries: int = _env("MAX_RETRIES", "3", _int(0, 20))
     retry_base_delay: float = _env("RETRY_BASE_DELAY", "5", _float(0))
@@ -166,7 +167,9 @@ class Settings:
     job_ttl_failed: int = _env("JOB_TTL_FAILED", "604800", _int(1))
     socketio_async_mode: str = _env("SOCKETIO_ASYNC_MODE", "threading", _choice("threading"))
     cors_origins: tuple[str, ...] = _env("CORS_ORIGINS", "", _csv)
-    broker_visibility_timeout: int = _env("BROKER_VISIBILITY_TIMEOUT", "600", _int(30))
+    broker_visibility_timeout: int = _env("BROKER_VISIBILITY_TIMEOUT", "3600", _int(30))
+    worker_pool: str = _env("WORKER_POOL", "gevent", _choice("gevent", "prefork", "threads", "solo"))
+    worker_concurrency: int = _env("WORKER_CONCURRENCY", "1000", _int(1, 10000))
     worker_heartbeat_interval: float = _env("WORKER_HEARTBEAT_INTERVAL", "10", _float(0.1))
     step_grace: float = _env("STEP_GRACE", "60", _float(1))
     api_keys: tuple[str, ...] = _env("API_KEYS", "", _csv, secret=True)
@@ -255,7 +258,7 @@ class Settings:
 
     @property
     def request_timeout(self) -> float:
-        """REQUEST_TIMEOUT in seconds."""
+        """REQUEST_TIMEOUT in seconds: the most one Potpie HTTP call may take, reply included."""
         return self.request_timeout_ms / 1000.0
 
     def redacted(self) -> dict[str, Any]:

@@ -87,9 +87,13 @@ def redis_options(settings: Settings, socket_timeout: float | None = SOCKET_TIME
 
 
 def make_redis(settings: Settings, socket_timeout: float | None = SOCKET_TIMEOUT) -> redis.Redis:
-    """A Redis client (a connection pool) for the job store and health checks."""
-    return redis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                **redis_options(settings, socket_timeout))
+    """A Redis client for the job store and health checks: a blocking pool of REDIS_MAX_CONNECTIONS, so a thousand
+    greenlets (or API threads) share a bounded set of connections, waiting their turn at most SOCKET_TIMEOUT
+    (redis-py's own pool stops at 100 and raises instead)."""
+    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, decode_responses=True,
+                                                 max_connections=settings.redis_max_connections,
+                                                 timeout=SOCKET_TIMEOUT, **redis_options(settings, socket_timeout))
+    return redis.Redis(connection_pool=pool)
 
 
 def celery_ssl_options(settings: Settings) -> dict[str, Any] | None:

@@ -146,6 +146,7 @@ if owner then
 end
 local dedup = redis.call('HGET', key, 'dedup_key')
 if dedup and redis.call('GET', dedup) == id then redis.call('DEL', dedup) end
+if ARGV[7] == 'cancelled' then redis.call('PUBLISH', prefix .. 'cancelled', id) end  -- workers abort its call
 if ARGV[7] == 'finished' then
   redis.call('LPUSH', prefix .. 'durations', now - tonumber(redis.call('HGET', key, 'admitted_at') or now))
   redis.call('LTRIM', prefix .. 'durations', 0, 49)
@@ -175,6 +176,13 @@ _RENEW = """
 local lock = ARGV[1] .. 'job:' .. ARGV[2] .. ':lock'
 if redis.call('GET', lock) ~= ARGV[3] then return 0 end
 return redis.call('PEXPIRE', lock, ARGV[4])
+"""
+
+# ARGV: prefix, id, token — free a lease only if its holder still owns it
+_RELEASE = """
+local lock = ARGV[1] .. 'job:' .. ARGV[2] .. ':lock'
+if redis.call('GET', lock) ~= ARGV[3] then return 0 end
+return redis.call('DEL', lock)
 """
 
 
@@ -241,6 +249,7 @@ class JobStore:
         self._admit = client.register_script(_ADMIT_ONLY)
         self._announce = client.register_script(_ANNOUNCE)
         self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
     def key(self, job_id: str) -> str:
         """The Redis key of a job's record."""
@@ -305,6 +314,12 @@ class JobStore:
                                            status.value, *_flatten(fields)])
         return int(seq), list(admitted)
 
+    def cancellations(self) -> redis.client.PubSub:
+        """A subscription to the ids of jobs as they are cancelled (published by `finish`)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(f"{self.prefix}cancelled")
+        return pubsub
+
     def admit(self) -> list[str]:
         """Admit waiting jobs into free slots; return their ids."""
         return list(self._admit(args=[self.prefix, self.max_concurrent, time.time()]))
@@ -323,9 +338,17 @@ class JobStore:
         replies = pipe.execute()
         return [replies[i] + [replies[i + 1]] for i in range(0, len(replies), 2)]
 
-    def renew(self, job_id: str, token: str, ttl_s: float) -> bool:
-        """Extend the step lease `token` by `ttl_s`; False when the lease is no longer this token's."""
-        return bool(self._renew(args=[self.prefix, job_id, token, int(ttl_s * 1000)]))
+    def renew(self, held: dict[str, str], ttl_s: float) -> list[str]:
+        """Extend each step lease (job id -> token) by `ttl_s`, in one round trip; return the jobs whose lease
+        was no longer that token's."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, token in held.items():
+            self._renew(args=[self.prefix, job_id, token, int(ttl_s * 1000)], client=pipe)
+        return [job_id for job_id, renewed in zip(held, pipe.execute()) if not renewed]
+
+    def release(self, job_id: str, token: str) -> bool:
+        """Free the step lease `token` (a run handing its job back); False when it was no longer this token's."""
+        return bool(self._release(args=[self.prefix, job_id, token]))
 
     def announce_positions(self, moved: list[tuple[str, int, Broadcast]]) -> list[int]:
         """Record each waiting job's new position, take an event seq for it and publish its update, in one round

@@ -15,10 +15,10 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 
-from . import analysis
+from . import analysis, green
 from .analysis import Step
 from .config import Settings
 from .events import broadcast, ending, now_iso, status_update
@@ -30,6 +30,30 @@ from .potpie import PermanentPotpieError, PotpieClient, TransientPotpieError
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[str, int, float], None]  # (job_id, seq, countdown seconds)
+
+
+class Waits(Protocol):
+    """Whether a run may wait for its job's next step itself instead of re-scheduling it (a green worker with
+    slots to spare), and the wait, cut short when the worker stops."""
+
+    def allowed(self) -> bool: ...
+
+    def sleep(self, seconds: float) -> bool: ...  # True: waited it out; False: woken early (shutdown)
+
+    def on_stop(self, callback: Callable[[], None]) -> None: ...  # when the worker gives up on running steps
+
+
+class NoWaits:
+    """Every wait is a re-scheduled task (prefork, threads): a waiting job holds no worker slot."""
+
+    def allowed(self) -> bool:
+        return False
+
+    def sleep(self, seconds: float) -> bool:
+        return False
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Prefork and threads stop running steps their own way (a cold shutdown cancels them)."""
 Observe = Callable[[str, dict[str, str]], None]  # (what happened, job record after it): metrics, webhooks
 
 
@@ -55,6 +79,12 @@ class End:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+def _is_news(job: dict[str, str], change: Advance) -> bool:
+    """Whether the change alters the job (a state, a parse status, progress...) rather than repeat it."""
+    return change.status.value != job.get("status") or any(job.get(name) != str(value)
+                                                           for name, value in change.fields.items())
+
+
 class JobFailed(Exception):
     """A step found that the job cannot succeed; the message is the failed_reason."""
 
@@ -63,8 +93,10 @@ class Pipeline:
     """Drives jobs through Potpie; shared by every task execution of a worker process."""
 
     def __init__(self, settings: Settings, store: JobStore, potpie: PotpieClient, dispatch: Dispatch,
-                 reveal_token: Callable[[str], str | None], observe: Observe = _ignore) -> None:
+                 reveal_token: Callable[[str], str | None], observe: Observe = _ignore,
+                 waits: Waits | None = None) -> None:
         self.settings = settings
+        self.waits = waits or NoWaits()
         self.observe = observe
         self.store = store
         self.potpie = potpie
@@ -72,7 +104,8 @@ class Pipeline:
         self.reveal_token = reveal_token
         self.lease_s = lease_ttl(settings)
         self.leases = LeaseKeeper(store, self.lease_s)
-
+        self.calls = green.Abortable()  # a cancelled job's Potpie call is aborted (cancels.py)
+        self.waits.on_stop(lambda: self.calls.abort_all(green.Stopping))  # hand running steps back
     def run(self, job_id: str, seq: int) -> str:
         """Run the job's steps from `seq`; return what happened to this delivery (for logs and tests)."""
         token = uuid.uuid4().hex
@@ -83,29 +116,61 @@ class Pipeline:
         self.leases.hold(job_id, token)
         try:
             return self._run_claimed(job, token, seq)
+        except green.Aborted:  # the job was cancelled meanwhile: its end is written and announced already
+            log.info("step stopped: the job was cancelled", extra={"job_id": job_id})
+            return "cancelled"
         finally:
             self.leases.release(job_id)
 
     def _run_claimed(self, job: dict[str, str], token: str, seq: int) -> str:
         started = time.monotonic()
         while True:
-            change = self._attempt(job)
+            try:
+                change = self._attempt(job)
+            except green.Stopping:  # the worker stops: another one redoes this step from the start
+                return self._hand_back(job, token, seq, 0.0)
             if isinstance(change, End):
                 self._end(job, token, change)
                 return "ended"
-            seq += 1
-            # Chain steps while none must wait, for at most one step budget (the task's time limit allows two).
-            keep = change.wait <= 0 and time.monotonic() - started < self.settings.step_lease
-            if not self._advance(job, token, seq, change, keep):
-                return "lease_lost"
-            if not keep:
-                self.dispatch(job["id"], seq, change.wait)
-                return "scheduled"
+            # Go on in this run while it is within one step budget (the task's time limit allows two) and nothing
+            # must wait, or a green worker may wait here (a poll interval, a retry backoff) rather than re-schedule.
+            within = time.monotonic() - started + change.wait < self.settings.step_lease
+            keep = within and (change.wait <= 0 or self.waits.allowed())
+            due = time.time() + change.wait
+            # A poll that found nothing new, while this run waits itself, has nothing to write or announce: the
+            # job keeps its seq, and if this worker dies the lapsed lease lets the sweeper re-run that same step.
+            if not (keep and change.wait > 0 and not _is_news(job, change)):
+                seq += 1
+                if not self._advance(job, token, seq, change, keep):
+                    return "lease_lost"
+                if not keep:
+                    self.dispatch(job["id"], seq, change.wait)
+                    return "scheduled"
+            if change.wait > 0 and not self._wait(job["id"], change.wait):
+                return self._hand_back(job, token, seq, max(0.0, due - time.time()))
+
+    def _hand_back(self, job: dict[str, str], token: str, seq: int, countdown: float) -> str:
+        """Give the job's step `seq` back to the queue (this worker stops): free the lease first, so the new
+        delivery finds none."""
+        self.store.release(job["id"], token)
+        self.dispatch(job["id"], seq, countdown)
+        log.info("step handed back: the worker is stopping", extra={"job_id": job["id"]})
+        return "handed back"
+
+    def _wait(self, job_id: str, seconds: float) -> bool:
+        """Wait for the job's next step, holding its lease; False when the worker is stopping. A cancellation
+        aborts the wait like a Potpie call."""
+        try:
+            with self.calls.watch(job_id):
+                return self.waits.sleep(seconds)
+        except green.Stopping:
+            return False
 
     def _attempt(self, job: dict[str, str]) -> Advance | End:
         step = analysis.next_step(job)
         try:
-            return self._step(step, job)
+            with self.calls.watch(job["id"]):
+                return self._step(step, job)
         except JobFailed as exc:
             return End(JobStatus.FAILED, {"failed_reason": str(exc)})
         except PermanentPotpieError as exc:
@@ -151,6 +216,7 @@ class Pipeline:
             found = self.potpie.find_project(job["repo"], job["branch"])
         if found is None:
             self.store.mark(job["id"], parse_requested=1)
+            job["parse_requested"] = "1"  # this run may go on to a retry of this step itself
             found = self.potpie.submit_parse(job["repo"], job["branch"], self._github_token(job))
         project_id, status = found
         started = {"potpie_project_id": project_id, "parse_started_at": job.get("parse_started_at") or time.time()}

@@ -17,6 +17,7 @@ from .config import Settings
 from .connections import celery_ssl_options
 from .logs import mask
 
+POOL_WAIT_S = 10.0  # how long a publish or ack waits for a free broker connection
 RUN_STEP = "potpie.run_step"
 HEARTBEAT = "potpie.heartbeat"
 DELIVER_WEBHOOK = "potpie.deliver_webhook"
@@ -41,6 +42,16 @@ class _Channel(kombu_redis.Channel):
     """
 
     _shared: tuple[Any, Any] | None = None
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        """A blocking pool for the synchronous side: under gevent hundreds of greenlets publish and ack at once,
+        and kombu's own pool raises MaxConnectionsError past `max_connections` (which lost the consumer's
+        connection); with this one they wait their turn. The event loop's (prefork) pool stays kombu's."""
+        if asynchronous:
+            return super()._get_pool(asynchronous)
+        params = self._connparams(asynchronous=False)
+        self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
+        return redis.BlockingConnectionPool(timeout=POOL_WAIT_S, **params)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -76,6 +87,12 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=settings.queue_name,
         task_acks_late=True,                # ack after the step ran: a crash redelivers it
         task_reject_on_worker_lost=True,    # ... also when the pool child was killed
+        # The pool is sized by sockets, not cores: a step mostly waits on Potpie, so the default is gevent with
+        # WORKER_CONCURRENCY greenlets. gevent must be named on the command line (`-P`, so Celery patches the
+        # standard library first): workers/boot.py turns a plain `celery -A workers worker` into that command.
+        worker_pool="prefork" if settings.worker_pool == "gevent" else settings.worker_pool,
+        worker_concurrency=settings.worker_concurrency,
+        broker_pool_limit=max(10, min(settings.worker_concurrency, 100)),  # producers shared by the greenlets
         worker_prefetch_multiplier=1,       # no hoarding; ETA steps are held apart from prefetch anyway
         task_time_limit=settings.task_time_limit,  # hard cap for one task run; below the visibility timeout
         task_soft_time_limit=settings.task_time_limit - 15,
@@ -93,6 +110,7 @@ def make_celery(settings: Settings) -> Celery:
             "socket_keepalive": True,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
+            "max_connections": settings.redis_max_connections,
         },
         broker_use_ssl=celery_ssl_options(settings),
         worker_direct=True,                 # each worker also consumes its own queue (liveness heartbeats)

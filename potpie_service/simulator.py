@@ -28,7 +28,8 @@ AGENTS = {
     "sweb_debug_agent": ("SWE-bench Debug Agent", "A SWE-bench style debugging agent."),
 }
 CONVERSATION_ERROR = "An unexpected error occurred while creating the conversation."
-TUNABLE = ("parse_seconds", "slow_parse_seconds", "latency_ms", "hang_seconds")
+TUNABLE = ("parse_seconds", "slow_parse_seconds", "latency_ms", "hang_seconds", "message_seconds")
+STREAM_PACE = 0.5  # seconds between the deltas of a reply that takes message_seconds (an LLM's token stream)
 ROUTES = [(method, re.compile(rx), name, stat) for method, rx, name, stat in [  # stat None = control route, no key
     ("GET", r"/health", "health", None),
     ("GET", r"/_sim/stats", "sim_stats", None),
@@ -57,8 +58,9 @@ class SimulatorConfig:
     api_key: str = "sk-simulator"
     parse_seconds: float = 4.0
     slow_parse_seconds: float = 30.0
-    latency_ms: float = 0
+    latency_ms: float = 0  # added to every answer: a WAN-distant Potpie
     hang_seconds: float = 5.0
+    message_seconds: float = 0  # how long an agent reply takes: streamed over it, or the wait before a whole one
     verbose: bool = False
     extra_api_keys: tuple[str, ...] = ()
 
@@ -80,6 +82,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     stream: list[bytes] | None = None
     truncate: bool = False
+    pace: float = 0.0  # seconds between stream parts
 
 
 @dataclass
@@ -160,15 +163,18 @@ def chat(message: str, citations: list[str] | None = None) -> dict[str, Any]:
     return {"message": message, "citations": citations or [], "tool_calls": [], "thinking": None}
 
 
-def stream_reply(text: str, citations: list[str], truncate: bool) -> Reply:
-    """Split a reply into a queued object plus ~5 back-to-back deltas, optionally cut mid-object."""
-    step = max(1, -(-len(text) // 5))
+def stream_reply(text: str, citations: list[str], truncate: bool, seconds: float = 0.0) -> Reply:
+    """Split a reply into a queued object plus back-to-back deltas (~5, or one per STREAM_PACE over `seconds`),
+    optionally cut mid-object."""
+    count = max(5, int(seconds / STREAM_PACE))
+    step = max(1, -(-len(text) // count))
     pieces = [text[i:i + step] for i in range(0, len(text), step)]
     objs = [chat("")] + [chat(p, citations if i == len(pieces) - 1 else []) for i, p in enumerate(pieces)]
     parts = [json.dumps(o).encode() for o in objs]
     if truncate:
         parts = parts[:3] + [parts[3][: len(parts[3]) // 2]]
-    return Reply(headers={"Content-Type": "text/event-stream"}, stream=parts, truncate=truncate)
+    return Reply(headers={"Content-Type": "text/event-stream"}, stream=parts, truncate=truncate,
+                 pace=seconds / max(1, len(parts) - 1))
 
 
 class Simulator:
@@ -224,6 +230,21 @@ class Simulator:
         self.parse_calls: dict[str, int] = {}
         self.github_tokens: dict[str, str] = {}  # repo@branch -> SHA-256 of the last github_token (never the value)
         self.hits: dict[tuple[str, str], int] = {}
+        # agent replies being worked on or streamed right now (a reset leaves open ones counted)
+        self.messages_in_flight = getattr(self, "messages_in_flight", 0)
+        self.messages_in_flight_peak = self.messages_in_flight
+        self.calls_in_flight = getattr(self, "calls_in_flight", 0)  # every API request being answered
+        self.calls_in_flight_peak = self.calls_in_flight
+
+    def _in_flight(self, delta: int) -> None:
+        with self._lock:
+            self.messages_in_flight += delta
+            self.messages_in_flight_peak = max(self.messages_in_flight_peak, self.messages_in_flight)
+
+    def _calling(self, delta: int) -> None:
+        with self._lock:
+            self.calls_in_flight += delta
+            self.calls_in_flight_peak = max(self.calls_in_flight_peak, self.calls_in_flight)
 
     def _hit(self, kind: str, key: str) -> int:
         """Count one `kind` event for `key` under the lock and return the running count (1 = first)."""
@@ -273,7 +294,10 @@ class Simulator:
         with self._lock:
             return Reply(body={"requests": dict(self.requests), "parse_calls": dict(self.parse_calls),
                                "github_token_sha256": dict(self.github_tokens),
-                               "projects": len(self.projects)})
+                               "projects": len(self.projects), "messages_in_flight": self.messages_in_flight,
+                               "messages_in_flight_peak": self.messages_in_flight_peak,
+                               "calls_in_flight": self.calls_in_flight,
+                               "calls_in_flight_peak": self.calls_in_flight_peak})
 
     def _sim_reset(self, **_: Any) -> Reply:
         """Answer POST /_sim/reset by dropping all state."""
@@ -386,7 +410,12 @@ class Simulator:
         truncate = project.scenario == "truncated-stream" and self._hit("reply", project.id) == 1
         text, citations = compose_reply(project, content)
         if stream:
-            return stream_reply(text, citations, truncate)
+            return stream_reply(text, citations, truncate, self.config.message_seconds)
+        self._in_flight(+1)
+        try:
+            time.sleep(self.config.message_seconds)  # the agent works before a whole reply leaves
+        finally:
+            self._in_flight(-1)
         body = json.dumps(chat(text, citations)).encode()
         return Reply(body=body[: len(body) // 2] if truncate else body)
 
@@ -447,19 +476,25 @@ class _Handler(BaseHTTPRequestHandler):
         """Read the body, dispatch, wait the configured latency, and write the reply."""
         length = self.headers.get("Content-Length", "0")
         raw = self.rfile.read(int(length)) if length.isdigit() and int(length) > 0 else b""
+        api = self.path.startswith("/api/")
+        if api:
+            self.sim._calling(+1)
         try:
-            reply = self.sim.dispatch(self.command, self.path, self.headers, raw)
-        except ApiError as exc:
-            reply = Reply(exc.status, {"detail": exc.detail}, exc.headers)
-        except Exception as exc:  # noqa: BLE001 - a simulator bug must still answer the way FastAPI would
-            self.log_message("internal error: %r", exc)
-            reply = Reply(500, {"detail": "Internal server error"})
-        if self.sim.config.latency_ms > 0:
-            time.sleep(self.sim.config.latency_ms / 1000)
-        try:
+            try:
+                reply = self.sim.dispatch(self.command, self.path, self.headers, raw)
+            except ApiError as exc:
+                reply = Reply(exc.status, {"detail": exc.detail}, exc.headers)
+            except Exception as exc:  # noqa: BLE001 - a simulator bug must still answer the way FastAPI would
+                self.log_message("internal error: %r", exc)
+                reply = Reply(500, {"detail": "Internal server error"})
+            if self.sim.config.latency_ms > 0:
+                time.sleep(self.sim.config.latency_ms / 1000)
             self._send(reply)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        finally:
+            if api:
+                self.sim._calling(-1)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
@@ -477,9 +512,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        for part in reply.stream:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
-            self.wfile.flush()
+        self.sim._in_flight(+1)
+        try:
+            for i, part in enumerate(reply.stream):
+                if i and reply.pace:
+                    time.sleep(reply.pace)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                self.wfile.flush()
+        finally:  # also when the client went away mid-stream (the write fails)
+            self.sim._in_flight(-1)
         self.close_connection = reply.truncate or self.close_connection
         self.wfile.write(b"" if reply.truncate else b"0\r\n\r\n")
 
@@ -497,13 +538,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", help="key to require (default: $SIMULATOR_API_KEY, else sk-simulator)")
     parser.add_argument("--parse-seconds", type=float, default=SimulatorConfig.parse_seconds)
     parser.add_argument("--slow-parse-seconds", type=float, default=SimulatorConfig.slow_parse_seconds)
-    parser.add_argument("--latency-ms", type=float, default=SimulatorConfig.latency_ms)
+    parser.add_argument("--latency-ms", type=float, default=SimulatorConfig.latency_ms,
+                        help="added to every answer (a WAN-distant Potpie)")
+    parser.add_argument("--message-seconds", type=float, default=SimulatorConfig.message_seconds,
+                        help="how long each agent reply takes (streamed over it, or waited for)")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
     api_key = args.api_key or os.environ.get("SIMULATOR_API_KEY") or SimulatorConfig.api_key
     potpie_key = "" if args.api_key else os.environ.get("POTPIE_API_KEY", "")
     config = SimulatorConfig(api_key=api_key, parse_seconds=args.parse_seconds,
                              slow_parse_seconds=args.slow_parse_seconds, latency_ms=args.latency_ms,
+                             message_seconds=args.message_seconds,
                              verbose=args.verbose, extra_api_keys=(potpie_key,) if potpie_key else ())
 
     def announce(url: str) -> None:

@@ -116,8 +116,7 @@ def main() -> int:
     flower_auth = env.setdefault("FLOWER_BASIC_AUTH", "admin:admin")
 
     start("api", [sys.executable, "-m", "potpie_service", "api"])
-    start("worker", [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=INFO", "-E",
-                     "--concurrency=2"])
+    start("worker", [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=INFO", "-E"])
     start("flower", [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={flower_port}"])
 
     port = env.get("PORT", "8080")

@@ -111,7 +111,7 @@ class Stack:
 
 
 def make_stack(redis_server: RedisServer, simulator: Simulator, name: str, workers: int = 1,
-               concurrency: int = 2, **overrides: str) -> Stack:
+               concurrency: int | None = None, **overrides: str) -> Stack:
     """Start workers and an API on a queue of their own."""
     env = service_env(redis_server.url, simulator.url, QUEUE_NAME=f"q-{name}-{uuid.uuid4().hex[:6]}", **overrides)
     started = [start_worker(env, f"{name}-worker{i}", concurrency) for i in range(workers)]

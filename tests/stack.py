@@ -346,13 +346,15 @@ def service_env(redis_url: str, potpie_url: str, **overrides: str) -> dict[str, 
     return env
 
 
-def start_worker(env: dict[str, str], name: str = "worker", concurrency: int = 2,
+def start_worker(env: dict[str, str], name: str = "worker", concurrency: int | None = None,
                  extra: list[str] | None = None) -> Service:
-    """A Celery worker process (prefork pool); returns once it consumes its own heartbeat."""
+    """A Celery worker process started as deployed (`celery -A workers worker`: the pool and concurrency from
+    WORKER_POOL / WORKER_CONCURRENCY unless `concurrency` says otherwise); returns once it consumes its own
+    heartbeat."""
     hostname = f"{name}-{free_port()}@localhost"
     args = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=INFO", "-E",
-            f"--concurrency={concurrency}", f"--hostname={hostname}", "--without-gossip", "--without-mingle",
-            *(extra or [])]
+            f"--hostname={hostname}", "--without-gossip", "--without-mingle",
+            *([f"--concurrency={concurrency}"] if concurrency else []), *(extra or [])]
     service = Service(name, args, env).start()
     service.hostname = hostname  # type: ignore[attr-defined]
     client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)

@@ -41,7 +41,7 @@ DOCUMENTED_ENV = frozenset(
     REDIS_PORT REDIS_PASSWORD REDIS_DB REDIS_USERNAME REDIS_TLS_ENABLED REDIS_TLS_CA_PATH REDIS_TLS_CERT_PATH
     REDIS_TLS_KEY_PATH REDIS_TLS_REJECT_UNAUTHORIZED MAX_CONCURRENT_JOBS MAX_RETRIES QUEUE_NAME LOG_LEVEL LOG_FORMAT
     JOB_TTL_COMPLETED JOB_TTL_FAILED SOCKETIO_ASYNC_MODE CORS_ORIGINS API_KEYS OPS_API_KEYS AUTH_DISABLED
-    TOKEN_ENCRYPTION_KEY METRICS_TOKEN FLOWER_BASIC_AUTH WORKER_CONCURRENCY BROKER_VISIBILITY_TIMEOUT
+    TOKEN_ENCRYPTION_KEY METRICS_TOKEN FLOWER_BASIC_AUTH WORKER_POOL WORKER_CONCURRENCY BROKER_VISIBILITY_TIMEOUT
     SIMULATOR_API_KEY
     """.split()
 )
@@ -259,7 +259,7 @@ def test_dockerfile_commands_match_the_service():
     assert api_cmd == ["python", "-m", "potpie_service", "api"]
     assert "8080" in [a for i, a in api_final if i == "EXPOSE"][-1].split()
     worker_cmd = json.loads([a for i, a in worker_final if i == "CMD"][-1])
-    assert worker_cmd == ["celery", "-A", "workers", "worker", "--loglevel=INFO", "--concurrency=4", "-E"]
+    assert worker_cmd == ["celery", "-A", "workers", "worker", "--loglevel=INFO", "-E"]  # pool from WORKER_POOL
     worker_hc = [a for i, a in worker_final if i == "HEALTHCHECK"][-1]
     assert json.loads(worker_hc[worker_hc.index("CMD") + 3:].strip()) == [
         "python", "-m", "potpie_service", "worker-health"]
@@ -464,7 +464,7 @@ def test_k8s_probes_and_ports():
     assert api["readinessProbe"]["httpGet"]["path"] == "/health"
     worker = container(objs[("Deployment", "potpie-service-worker")])
     assert worker["livenessProbe"]["exec"]["command"] == ["python", "-m", "potpie_service", "worker-health"]
-    assert worker["args"] == ["celery", "-A", "workers", "worker", "--loglevel=INFO", "--concurrency=4", "-E"]
+    assert worker["args"] == ["celery", "-A", "workers", "worker", "--loglevel=INFO", "-E"]
     flower = container(objs[("Deployment", "potpie-service-flower")])
     assert flower["args"] == ["celery", "-A", "workers", "flower", "--port=5555"]
     assert flower["ports"][0]["containerPort"] == 5555

@@ -60,7 +60,7 @@ def _deploy(redis_server: RedisServer, simulator, name: str, worker: bool, **ove
     for old in ARTIFACTS.glob(f"{name}-*.log"):
         old.unlink()
     env = service_env(redis_server.url, simulator.url, QUEUE_NAME=f"q-{name}-{uuid.uuid4().hex[:6]}", **overrides)
-    workers = [start_worker(env, f"{name}-worker0", concurrency=1)] if worker else []
+    workers = [start_worker(env, f"{name}-worker0")] if worker else []
     return Deployment(start_api(env, f"{name}-api"), workers)
 
 

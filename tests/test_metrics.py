@@ -203,6 +203,21 @@ def test_metrics_answer_without_redis(simulator) -> None:
             (("method", "GET"), ("route", "/livez"), ("status", "200"))) in samples
 
 
+def test_recorder_adds_up_potpie_calls_and_writes_them_in_one_round_trip(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    recorder = MetricsRecorder(client, f"psvc:unit-{uuid.uuid4().hex[:6]}:")
+    for _ in range(3):
+        recorder.upstream("message", "200", 0.2)
+    assert client.hgetall(recorder.key) == {}, "added up in the process, not one write per call"
+    recorder.flush()
+    written = client.hgetall(recorder.key)
+    assert written["potpie_upstream_request_duration_seconds|message,200|0.25"] == "3"
+    assert float(written["potpie_upstream_request_duration_seconds|message,200|sum"]) == pytest.approx(0.6)
+    recorder._flushed -= MetricsRecorder.UPSTREAM_FLUSH_S  # a second later, the next call writes them
+    recorder.upstream("message", "timeout", 1.0)
+    assert client.hget(recorder.key, "potpie_upstream_errors_total|message,timeout") == "1"
+
+
 def test_recorder_histograms_are_cumulative_and_exact(redis_server: RedisServer) -> None:
     client = redis_server.client()
     store = JobStore(client, f"unit-{uuid.uuid4().hex[:6]}", 3, 60, 60)

@@ -210,7 +210,7 @@ def test_exhausted_retries_fail_with_the_attempt_count(retry_stack: Stack) -> No
 @pytest.fixture(scope="module")
 def narrow_stack(redis_server, simulator) -> Iterator[Stack]:
     """MAX_CONCURRENT_JOBS=2 across two worker processes on separate hosts."""
-    running = make_stack(redis_server, simulator, "narrow", workers=2, concurrency=2, MAX_CONCURRENT_JOBS="2",
+    running = make_stack(redis_server, simulator, "narrow", workers=2, MAX_CONCURRENT_JOBS="2",
                          POTPIE_POLL_INTERVAL="0.1")
     yield running
     running.stop()

@@ -8,9 +8,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import requests
 
-from potpie_service.potpie import (PermanentPotpieError, PotpieClient, TransientPotpieError, check, parse_stream)
+from potpie_service.potpie import (PermanentPotpieError, PotpieClient, Response, TransientPotpieError, check,
+                                   parse_stream)
 from tests.conftest import SIM_KEY
 from tests.stack import free_port
 
@@ -67,11 +67,8 @@ def test_429_retry_after_is_honoured(simulator) -> None:
 
 
 def test_check_and_stream_parsing_without_a_server() -> None:
-    def response(status: int, body: bytes = b"{}", headers: dict | None = None) -> requests.Response:
-        r = requests.Response()
-        r.status_code, r._content = status, body
-        r.headers.update(headers or {})
-        return r
+    def response(status: int, body: bytes = b"{}", headers: dict | None = None) -> Response:
+        return Response(status, body, headers or {})
 
     with pytest.raises(TransientPotpieError) as limited:
         check(response(429, b'{"detail": "slow down"}', {"Retry-After": "7"}))

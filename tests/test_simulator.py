@@ -24,7 +24,8 @@ from potpie_service.simulator import STATUSES, Simulator, SimulatorConfig  # noq
 
 KEY = "sk-test-key"
 HEADERS = {"X-API-Key": KEY}
-BASE_CONFIG = {"parse_seconds": 0.4, "slow_parse_seconds": 30.0, "latency_ms": 0.0, "hang_seconds": 1.0}
+BASE_CONFIG = {"parse_seconds": 0.4, "slow_parse_seconds": 30.0, "latency_ms": 0.0, "hang_seconds": 1.0,
+               "message_seconds": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -480,6 +481,30 @@ def test_config_updates_live(sim: Simulator) -> None:
     assert get(sim, f"/api/v2/parsing-status/{body['project_id']}").json()["status"] == "ready"
     assert requests.post(f"{sim.url}/_sim/config", json={"parse_seconds": -1}, timeout=5).status_code == 422
     assert requests.post(f"{sim.url}/_sim/config", json={"api_key": "x"}, timeout=5).status_code == 422
+
+
+def test_message_seconds_streams_a_reply_over_that_time_and_counts_it_in_flight(sim: Simulator) -> None:
+    requests.post(f"{sim.url}/_sim/config", json={"parse_seconds": 0, "message_seconds": 1.5}, timeout=5)
+    project = parse(sim, "acme/slow-agent").json()["project_id"]
+    conversation = post(sim, "/api/v2/conversations/", {"project_ids": [project],
+                                                       "agent_ids": ["codebase_qna_agent"]}).json()["conversation_id"]
+    arrivals: list[float] = []
+    in_flight: list[int] = []
+    started = time.monotonic()
+    with post(sim, f"/api/v2/conversations/{conversation}/message/", {"content": "Why?"}, stream=True) as reply:
+        for chunk in reply.iter_content(chunk_size=None):
+            arrivals.append(time.monotonic() - started)
+            in_flight.append(requests.get(f"{sim.url}/_sim/stats", timeout=5).json()["messages_in_flight"])
+            assert chunk
+    assert arrivals[-1] >= 1.4 and len(arrivals) >= 3, arrivals  # deltas over the whole 1.5 s, not at once
+    assert in_flight[0] == 1
+    stats = requests.get(f"{sim.url}/_sim/stats", timeout=5).json()
+    assert stats["messages_in_flight"] == 0 and stats["messages_in_flight_peak"] == 1
+    assert stats["calls_in_flight"] == 0 and stats["calls_in_flight_peak"] >= 1
+    started = time.monotonic()
+    whole = post(sim, f"/api/v2/conversations/{conversation}/message/", {"content": "Why?"},
+                 params={"stream": "false"})
+    assert whole.status_code == 200 and time.monotonic() - started >= 1.5  # the agent's time, then one object
 
 
 # ---------- CLI ----------

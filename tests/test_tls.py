@@ -136,7 +136,7 @@ def start_tls_worker(env: dict[str, str], server: TlsRedis, name: str) -> Servic
     """A Celery worker on the TLS broker; returns once it consumed its own heartbeat (read over TLS too)."""
     hostname = f"{name}-{free_port()}@localhost"
     worker = Service(name, [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=INFO", "-E",
-                            "--concurrency=1", f"--hostname={hostname}", "--without-gossip", "--without-mingle"],
+                            f"--hostname={hostname}", "--without-gossip", "--without-mingle"],
                      env).start()
     key = f"psvc:{env['QUEUE_NAME']}:workers"
     wait_for(lambda: server.client().zscore(key, hostname) or not worker.alive(), 30, what="the TLS worker heartbeat")
@@ -229,7 +229,7 @@ def test_worker_with_an_untrusted_redis_says_why(tls_redis: TlsRedis, simulator)
     env = tls_env(tls_redis, simulator.url, REDIS_TLS_CA_PATH=str(tls_redis.pki.wrong_ca))
     name = "tls-worker-untrusted"
     (ARTIFACTS / f"{name}.log").unlink(missing_ok=True)
-    worker = Service(name, [sys.executable, "-m", "celery", "-A", "workers", "worker", "--concurrency=1",
+    worker = Service(name, [sys.executable, "-m", "celery", "-A", "workers", "worker",
                             f"--hostname={name}@localhost", "--without-gossip", "--without-mingle"], env).start()
     try:
         wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in worker.log(), 15, what="the worker to report the bad CA")

@@ -1,13 +1,17 @@
 """The Celery app: `celery -A workers worker` and `celery -A workers flower`."""
 
-import sys
+from .boot import ensure_pool
 
-from celery.signals import celeryd_init, setup_logging, task_postrun, task_prerun
+ensure_pool()  # first: a plain `celery -A workers worker` becomes the gevent command before anything else loads
 
-from potpie_service import logs
-from potpie_service.bootstrap import load_settings
-from potpie_service.connections import tls_problem
-from potpie_service.queue import DELIVER_WEBHOOK, RUN_STEP, make_celery
+import sys  # noqa: E402
+
+from celery.signals import celeryd_init, setup_logging, task_postrun, task_prerun  # noqa: E402
+
+from potpie_service import logs  # noqa: E402
+from potpie_service.bootstrap import load_settings  # noqa: E402
+from potpie_service.connections import tls_problem  # noqa: E402
+from potpie_service.queue import DELIVER_WEBHOOK, RUN_STEP, make_celery  # noqa: E402
 
 settings = load_settings("worker")
 if problem := tls_problem(settings):  # an untrusted Redis is a configuration error, not an outage to wait out

@@ -18,6 +18,7 @@ from celery.signals import worker_ready, worker_shutting_down
 from celery.utils import worker_direct
 from celery.worker import state as worker_state
 
+from potpie_service import green
 from potpie_service.positions import announce
 from potpie_service.queue import HEARTBEAT, dispatcher
 from potpie_service.recovery import sweep
@@ -93,17 +94,97 @@ class Supervisor:
                 return
 
 
+def stopping() -> bool:
+    """Whether this worker process is shutting down (a step delivered now is handed back, not run)."""
+    return _shutdown_started.is_set()
+
+
+class GreenWaits:
+    """A green worker's runs wait for their job's next step themselves (a waiting greenlet costs ~50 KB; a
+    re-scheduled task costs broker round trips, four task events and a claim) while the pool keeps a reserve (5%,
+    at most 50 slots) free for new jobs, webhooks and the heartbeat. A shutdown wakes them to hand back."""
+
+    def __init__(self) -> None:
+        self.limit = settings.worker_concurrency - max(1, min(50, settings.worker_concurrency // 20))
+        self.stop_callbacks: list[Any] = []
+
+    def allowed(self) -> bool:
+        return green.active() and not stopping() and len(worker_state.active_requests) < self.limit
+
+    def sleep(self, seconds: float) -> bool:
+        _acknowledge_current()
+        return not _shutdown_started.wait(seconds)
+
+    def on_stop(self, callback: Any) -> None:
+        self.stop_callbacks.append(callback)
+
+    def stop(self) -> None:
+        """Give up on running steps: each run hands its step back."""
+        for callback in self.stop_callbacks:
+            callback()
+
+
+WAITS = GreenWaits()  # the worker process's one: the pipeline and the shutdown share it
+
+
+def _acknowledge_current() -> None:
+    """Ack the running task's message before its first wait: a waiting run must not hold the worker's prefetch
+    budget (kombu stops fetching at WORKER_CONCURRENCY unacked messages). Its job stays safe: the run holds the
+    step lease while it waits, and if the worker dies the lease lapses and the sweeper dispatches the step again."""
+    from celery import current_task
+
+    context = current_task.request if current_task else None
+    if context is None or getattr(context, "psvc_acked", False):
+        return
+    context.psvc_acked = True
+    for request in tuple(worker_state.active_requests):
+        if request.id == context.id:
+            request.acknowledge()
+            return
+
+
+def _stop_consuming(consumer: Any) -> None:
+    """Stop taking steps at once. Celery's own green consumer loop notices the shutdown only after its current
+    2 s wait for messages, and would start what arrives meanwhile."""
+    try:
+        consumer.cancel_task_queue(settings.queue_name)
+    except Exception as exc:  # the broker may be away; the task's own check still hands a late step back
+        log.warning("could not stop consuming at once (%s)", type(exc).__name__)
+
+
+def _in_background(target: Any, *args: Any) -> None:
+    """Run `target` apart from the caller: a greenlet under gevent (its signal handlers run in the event loop,
+    where starting a thread would block), else a daemon thread."""
+    if green.active():
+        import gevent
+
+        gevent.spawn(target, *args)
+    else:
+        threading.Thread(target=target, args=args, daemon=True).start()
+
+
 def _escalate(grace: float) -> None:
-    """After the grace period, turn a warm shutdown that still waits on steps into a cold one."""
+    """After the grace period, stop waiting for running steps: a green worker's runs hand theirs back at once;
+    anything still running (or any other pool) gets a cold shutdown, which cancels and requeues it."""
     time.sleep(grace)
-    if worker_state.active_requests:
-        log.warning("steps still running %.0f s after the shutdown signal: cancelling them; they are handed "
-                    "back to the queue and resumed by another worker", grace)
-        os.kill(os.getpid(), signal.SIGQUIT)
+    if not worker_state.active_requests:
+        return
+    log.warning("steps still running %.0f s after the shutdown signal: cancelling them; they are handed "
+                "back to the queue and resumed by another worker", grace)
+    if green.active():
+        WAITS.stop()
+        time.sleep(3.0)  # their runs free the leases and dispatch the steps again, then Celery exits
+        if not worker_state.active_requests:
+            return
+    os.kill(os.getpid(), signal.SIGQUIT)
+
+
+_consumer: list[Any] = []  # the worker's consumer, once ready
 
 
 @worker_ready.connect
 def _start(sender: Any, **_: object) -> None:
+    _consumer.append(sender)
     threading.Thread(target=Supervisor(sender).run, name="psvc-supervisor", daemon=True).start()
 
 
@@ -114,4 +195,6 @@ def _shutdown(how: str = "Warm", **_: object) -> None:
         _shutdown_started.set()
         grace = shutdown_grace()
         log.info("warm shutdown: no new steps; running ones get %.0f s to finish", grace)
-        threading.Thread(target=_escalate, args=(grace,), name="psvc-shutdown", daemon=True).start()
+        if green.active() and _consumer:
+            _in_background(_stop_consuming, _consumer[0])
+        _in_background(_escalate, grace)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import time
 
+from celery.exceptions import Reject
+
 from potpie_service.queue import DELIVER_WEBHOOK, HEARTBEAT, RUN_STEP
 from potpie_service.runtime import WorkerRuntime, make_worker_runtime
 
 from . import app, settings
+from .supervisor import WAITS, stopping
 
 _runtime: tuple[int, WorkerRuntime] | None = None
 
@@ -17,13 +20,15 @@ def runtime() -> WorkerRuntime:
     """This process's runtime, built after the pool forked (connections are not shared across fork)."""
     global _runtime
     if _runtime is None or _runtime[0] != os.getpid():
-        _runtime = (os.getpid(), make_worker_runtime(settings, app))
+        _runtime = (os.getpid(), make_worker_runtime(settings, app, waits=WAITS))
     return _runtime[1]
 
 
 @app.task(name=RUN_STEP, acks_late=True, ignore_result=True)
 def run_step(job_id: str, seq: int) -> str:
-    """Run a job from step `seq` until it waits or ends."""
+    """Run a job from step `seq` until it waits or ends (a step delivered to a stopping worker goes back)."""
+    if stopping():
+        raise Reject("the worker is shutting down", requeue=True)
     return runtime().pipeline.run(job_id, int(seq))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -58,7 +57,7 @@ def stacks() -> Iterator[Callable[..., Stack]]:
     """A factory of stacks (workers + API on a queue of their own), stopped after the test."""
     made: list[Stack] = []
 
-    def make(redis_server: RedisServer, sim: Simulator, name: str, workers: int = 1, concurrency: int = 2,
+    def make(redis_server: RedisServer, sim: Simulator, name: str, workers: int = 1, concurrency: int | None = None,
              **overrides: str) -> Stack:
         made.append(make_stack(redis_server, sim, name, workers, concurrency, **{**FAULT_ENV, **overrides}))
         return made[-1]
@@ -102,18 +101,6 @@ def wait_all_final(stack: Stack, ids: list[str], timeout: float) -> list[dict[st
         pending = Counter(str(state) for state in states(stack, ids) if state not in FINAL)
         raise AssertionError(f"jobs still open after {timeout} s: {dict(pending)}") from None
     return [stack.status(job_id) for job_id in ids]
-
-
-def pool_children(pid: int) -> list[int]:
-    """The pids of a process's children (a Celery worker's pool processes)."""
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as handle:
-                found += [int(child) for child in handle.read().split()]
-        except OSError:  # the thread ended meanwhile
-            continue
-    return found
 
 
 def worker_health(env: dict[str, str], hostname: str, max_age: float) -> subprocess.CompletedProcess[str]:

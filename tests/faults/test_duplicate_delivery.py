@@ -25,7 +25,7 @@ def _job(stack, job_id: str) -> dict[str, str]:
 
 def test_a_step_published_many_times_runs_once(own_redis, simulators, stacks, emissions) -> None:
     sim = simulators(parse_seconds=0.5, slow_parse_seconds=3, latency_ms=200)
-    stack = stacks(own_redis, sim, "dup", concurrency=4)
+    stack = stacks(own_redis, sim, "dup")
     published = emissions(stack)
     celery = make_celery(Settings.from_env(stack.env))
     job_id = stack.submit("slow-parse/dup")["job_id"]
@@ -53,7 +53,7 @@ def test_a_step_published_many_times_runs_once(own_redis, simulators, stacks, em
 def test_a_visibility_timeout_redelivery_of_running_steps_runs_nothing_twice(own_redis, simulators, stacks,
                                                                              emissions) -> None:
     sim = simulators(parse_seconds=0.5, slow_parse_seconds=3, latency_ms=1500)  # each Potpie call takes 1.5 s
-    stack = stacks(own_redis, sim, "redeliver", concurrency=4)
+    stack = stacks(own_redis, sim, "redeliver")
     published = emissions(stack)
     ids = [stack.submit(f"slow-parse/redeliver-{i}")["job_id"] for i in range(3)]
     client = stack.redis.client()

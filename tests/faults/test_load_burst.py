@@ -43,7 +43,7 @@ def _memory(server: RedisServer) -> int:
 
 
 def test_burst_of_5000_jobs_all_finish_once_and_memory_returns(own_redis, sim_process, stacks, emissions) -> None:
-    stack = stacks(own_redis, sim_process, "burst", concurrency=4, MAX_CONCURRENT_JOBS="200",
+    stack = stacks(own_redis, sim_process, "burst", MAX_CONCURRENT_JOBS="200",
                    POTPIE_POLL_INTERVAL="0.1", STEP_GRACE="30", JOB_TTL_COMPLETED=str(TTL),
                    JOB_TTL_FAILED=str(TTL), LOG_LEVEL="warning")
     time.sleep(1)

@@ -125,7 +125,7 @@ def test_bad_gateway_is_retried_and_a_lasting_one_fails_with_the_reason(redis_se
 
 def test_troubled_jobs_do_not_delay_a_healthy_one(redis_server, simulators, stacks) -> None:
     sim = simulators(parse_seconds=1.0, hang_seconds=30)  # timeout/: the first parse call hangs past the timeout
-    stack = stacks(redis_server, sim, "isolation", concurrency=6, REQUEST_TIMEOUT="3000", POTPIE_CALL_ATTEMPTS="2",
+    stack = stacks(redis_server, sim, "isolation", REQUEST_TIMEOUT="3000", POTPIE_CALL_ATTEMPTS="2",
                    PARSE_TIMEOUT="5")
 
     def latency(repo: str) -> float:
