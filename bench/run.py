@@ -17,11 +17,12 @@ from pathlib import Path
 
 from .common import ROOT, Report, Row, environment, fmt, loadavg
 
-# (module, arguments): P3 and P4 run with the deployed worker (one prefork worker, concurrency 4) and with the
-# alternative bench/NOTES.md recommends (two worker processes, threads pool, concurrency 8 each).
-ALTERNATIVE = ["--workers", "2", "--pool", "threads", "--concurrency", "8"]
-BENCHMARKS = [("p1_submit", []), ("p2_events", []), ("p3_overhead", []), ("p3_overhead", ALTERNATIVE),
-              ("p4_waiting", []), ("p4_waiting", ALTERNATIVE), ("p5_fanout", [])]
+# (module, arguments): the worker as deployed (one gevent process, WORKER_CONCURRENCY 1000), and P3 also with
+# the previous default (prefork, concurrency 4) for comparison; P4wan and P6 with a WAN-distant, slow Potpie.
+PREFORK = ["--pool", "prefork", "--concurrency", "4"]
+BENCHMARKS = [("p1_submit", []), ("p2_events", []), ("p3_overhead", []), ("p3_overhead", PREFORK),
+              ("p4_waiting", []), ("p4_waiting", ["--latency-ms", "100", "--poll", "2"]),
+              ("p6_slow_agents", ["--name", "P6"]), ("p5_fanout", [])]
 LIMIT_S = 240  # each benchmark is meant to take <= 2 minutes; this only stops one that hangs
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -108,12 +109,12 @@ def _bucket(buckets: tuple[float, ...], value: float) -> str:
 class MetricsRecorder:
     """Writes job and Potpie-call observations into the Redis metrics hash (workers); never raises.
 
-    Job facts are written as they happen; Potpie-call facts are added up in the process and written with the next
-    job fact or after at most UPSTREAM_FLUSH_S (a Redis round trip per call cost a tenth of a green worker's CPU),
-    so a process killed -9 loses at most that much of them.
+    Observations are added up in the process and written by a background thread every FLUSH_S (a Redis round
+    trip per Potpie call and per transition cost a tenth of a green worker's CPU), so a scrape sees them at most
+    that late and a process killed -9 loses at most that much of them.
     """
 
-    UPSTREAM_FLUSH_S = 1.0
+    FLUSH_S = 1.0
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.redis = client
@@ -121,7 +122,7 @@ class MetricsRecorder:
         self._counts: dict[str, int] = {}
         self._sums: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._flushed = time.monotonic()
+        self._flusher: tuple[int, threading.Thread] | None = None
 
     def observe(self, what: str, job: dict[str, str]) -> None:
         """Pipeline observer: time in the state just left; at the end also the outcome and the job's duration."""
@@ -143,19 +144,25 @@ class MetricsRecorder:
                 self._count(f"potpie_jobs_failed_total|{failure_class(job.get('failed_reason', ''))}")
             elif status == "cancelled":
                 self._count("potpie_jobs_cancelled_total|")
-        self.flush()
 
     def upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
         """PotpieClient observer: one try of one call, with its HTTP status or error kind."""
         self._histogram("potpie_upstream_request_duration_seconds", (endpoint, outcome), seconds)
         if not outcome.startswith(("2", "3")):
             self._count(f"potpie_upstream_errors_total|{endpoint},{outcome}")
-        if time.monotonic() - self._flushed >= self.UPSTREAM_FLUSH_S:
-            self.flush()
 
     def _count(self, field: str, amount: int = 1) -> None:
         with self._lock:
             self._counts[field] = self._counts.get(field, 0) + amount
+            if self._flusher is None or self._flusher[0] != os.getpid() or not self._flusher[1].is_alive():
+                thread = threading.Thread(target=self._flush_forever, name="psvc-metrics", daemon=True)
+                self._flusher = (os.getpid(), thread)  # a forked child starts its own
+                thread.start()
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(self.FLUSH_S)
+            self.flush()
 
     def _histogram(self, name: str, labels: tuple[str, ...], value: float) -> None:
         value = max(0.0, value)
@@ -169,7 +176,6 @@ class MetricsRecorder:
         and counting it twice would be worse)."""
         with self._lock:
             counts, sums, self._counts, self._sums = self._counts, self._sums, {}, {}
-            self._flushed = time.monotonic()
         if not counts and not sums:
             return
         pipe = self.redis.pipeline(transaction=False)

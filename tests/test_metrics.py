@@ -131,8 +131,11 @@ def test_potpie_call_metrics_by_endpoint_and_status_after_a_flaky_job(apis: tupl
     before = scrape(stack.url)
     final = stack.wait_final(stack.submit(unique("flaky"))["job_id"])
     assert final["status"] == "finished" and final["attempts"] == 1  # every 503 was retried inside its step
-    after = scrape(stack.url)
     name = "potpie_upstream_request_duration_seconds_count"
+    # the worker writes what it added up once a second (MetricsRecorder.FLUSH_S)
+    wait_for(lambda: delta(scrape(stack.url), before, name, endpoint="message", status="200") >= 2, 5,
+             what="the worker to write the job's Potpie-call metrics")
+    after = scrape(stack.url)
     expected = {("parse", "503"): 1, ("parse", "200"): 1, ("parsing_status", "503"): 1,
                 ("conversations", "503"): 1, ("conversations", "200"): 1, ("message", "503"): 1, ("message", "200"): 2}
     for (endpoint, status), count in expected.items():
@@ -208,14 +211,14 @@ def test_recorder_adds_up_potpie_calls_and_writes_them_in_one_round_trip(redis_s
     recorder = MetricsRecorder(client, f"psvc:unit-{uuid.uuid4().hex[:6]}:")
     for _ in range(3):
         recorder.upstream("message", "200", 0.2)
-    assert client.hgetall(recorder.key) == {}, "added up in the process, not one write per call"
-    recorder.flush()
-    written = client.hgetall(recorder.key)
-    assert written["potpie_upstream_request_duration_seconds|message,200|0.25"] == "3"
-    assert float(written["potpie_upstream_request_duration_seconds|message,200|sum"]) == pytest.approx(0.6)
-    recorder._flushed -= MetricsRecorder.UPSTREAM_FLUSH_S  # a second later, the next call writes them
     recorder.upstream("message", "timeout", 1.0)
-    assert client.hget(recorder.key, "potpie_upstream_errors_total|message,timeout") == "1"
+    assert client.hgetall(recorder.key) == {}, "added up in the process, not one write per call"
+    written = wait_for(lambda: client.hgetall(recorder.key), 3 * MetricsRecorder.FLUSH_S,
+                       what="the recorder's thread to write them")
+    assert written["potpie_upstream_request_duration_seconds|message,200|0.25"] == "3"  # type: ignore[index]
+    assert float(written["potpie_upstream_request_duration_seconds|message,200|sum"]) \
+        == pytest.approx(0.6)  # type: ignore[index]
+    assert written["potpie_upstream_errors_total|message,timeout"] == "1"  # type: ignore[index]
 
 
 def test_recorder_histograms_are_cumulative_and_exact(redis_server: RedisServer) -> None:
@@ -230,6 +233,7 @@ def test_recorder_histograms_are_cumulative_and_exact(redis_server: RedisServer)
     recorder.observe("ended", {"status": "failed", "previous_status": "retrying", "previous_since": now - 1,
                                "created_ts": now - 10, "failed_reason": "Potpie server error (500) (gave up after "
                                                                          "4 attempts)"})
+    recorder.flush()  # what the recorder's thread does every second
     collector = ClusterCollector(store, Settings(max_concurrent_jobs=3))
     samples = parse(_exposition(collector))
     label = {"endpoint": "parse", "status": "200"}

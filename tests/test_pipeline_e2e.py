@@ -11,6 +11,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from potpie_service.metrics import MetricsRecorder
 from tests.conftest import Stack, make_stack
 from tests.stack import Emissions, wait_for
 
@@ -115,6 +116,7 @@ def _states(published: Emissions, job_id: str) -> list[str]:
 
 
 def _retries_counted(stack: Stack) -> float:
+    time.sleep(1.5 * MetricsRecorder.FLUSH_S)  # what the worker counted is written once a second
     text = requests.get(stack.url + "/metrics", timeout=5).text
     return float(re.search(r"^potpie_job_retries_total (\S+)$", text, re.MULTILINE).group(1))
 
