@@ -19,7 +19,7 @@ import redis
 import requests
 import socketio
 
-from potpie_service.events import now_iso
+from potpie_service.core.events import now_iso
 
 from .common import RedisServer, Report, Row, Service, bench_env, cli, pct, start_api, start_celery, start_simulator
 

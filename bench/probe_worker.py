@@ -17,7 +17,7 @@ from celery.signals import task_postrun, task_prerun
 
 from potpie_service import runtime as service_runtime
 from potpie_service.queue import RUN_STEP
-from workers import app, settings, tasks
+from workers import app, current_settings, tasks
 
 from .common import PROBE
 
@@ -47,7 +47,7 @@ def _record(task=None, args=None, **_: object) -> None:
     if task is None or task.name != RUN_STEP or not args:
         return
     if not _client:
-        _client.append(redis.Redis.from_url(settings.redis_url))
+        _client.append(redis.Redis.from_url(current_settings().redis_url))
     pipe = _client[0].pipeline(transaction=False)
     pipe.hincrbyfloat(PROBE + str(args[0]), "potpie", getattr(_spent, "seconds", 0.0))
     pipe.hincrby(PROBE + str(args[0]), "runs", 1)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from potpie_service.simulator import Simulator, SimulatorConfig  # noqa: E402
+from potpie_service.potpie.simulator import Simulator, SimulatorConfig  # noqa: E402
 from tests.stack import RedisServer, Service, free_port, service_env, start_worker, wait_for  # noqa: E402
 
 FINALS = ("analysis_complete", "analysis_error")

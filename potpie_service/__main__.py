@@ -32,7 +32,7 @@ def run_api(argv: list[str]) -> int:
                                "worker_connections": 2 * threads, "graceful_timeout": 8, "timeout": 0,
                                "worker_class": "potpie_service.api.server.JsonErrorWorker",  # gthread, JSON errors
                                "accesslog": None, "loglevel": settings.log_level,
-                               "logger_class": "potpie_service.logs.GunicornLogger"}.items():
+                               "logger_class": "potpie_service.api.server.GunicornLogger"}.items():
                 self.cfg.set(key, value)
 
         def load(self):  # noqa: ANN202
@@ -46,7 +46,7 @@ def run_api(argv: list[str]) -> int:
 def worker_health(argv: list[str]) -> int:
     """Exit 0 when this host's worker consumed its heartbeat task recently (the liveness probe)."""
     from .bootstrap import load_settings
-    from .runtime import make_store
+    from .store import make_store
 
     parser = argparse.ArgumentParser(prog="python -m potpie_service worker-health")
     parser.add_argument("--hostname", default=f"celery@{socket.gethostname()}")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"api": run_api, "worker-health": worker_health, "keygen": keygen}
     if argv and argv[0] == "simulator":
-        from .simulator import main as simulator_main
+        from .potpie.simulator import main as simulator_main
         return simulator_main(argv[1:])
     if argv and argv[0] == "analyze":
         from .cli import main as cli_main

@@ -11,7 +11,7 @@ import time
 import redis
 
 from .green import Abortable
-from .jobs import JobStore
+from .store.jobs import JobStore
 
 log = logging.getLogger(__name__)
 

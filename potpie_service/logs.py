@@ -9,7 +9,6 @@ import sys
 from contextvars import ContextVar
 from datetime import datetime, timezone
 
-from gunicorn.glogging import Logger as _GunicornBase
 
 # Tokens that must never reach a log line, whatever code path produced it (a second line of defence).
 _SECRET_PATTERNS = [
@@ -87,16 +86,3 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.captureWarnings(True)  # Python warnings (e.g. Celery's) become records in the same format
     for noisy in ("werkzeug", "engineio.server", "socketio.server", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-
-
-class GunicornLogger(_GunicornBase):
-    """Gunicorn's own lines (start, workers, signals) in the service's format: `--logger-class` / `logger_class`."""
-
-    def setup(self, cfg) -> None:  # noqa: ANN001 (gunicorn's Config)
-        super().setup(cfg)
-        if not logging.getLogger().handlers:  # the gunicorn CLI's master has not loaded the app: read settings now
-            from .bootstrap import load_settings
-            load_settings("api")
-        for logger in (self.error_log, self.access_log):
-            logger.handlers[:] = list(logging.getLogger().handlers)
-        self.error_log.setLevel(max(self.error_log.level, logging.getLogger().level))  # LOG_LEVEL holds here too

@@ -3,33 +3,34 @@
 One call of `Pipeline.run(job_id, seq)` runs steps back to back until the job must wait (a parse poll, a retry
 backoff) or ends. Every step's outcome is committed before the next begins, so a crash resumes after the last
 finished step. `seq` makes duplicate deliveries harmless: only the delivery for the job's current seq may run.
-The step's lease is short and renewed while the step runs (leases.py), so a killed or frozen holder loses it
-within one TTL.
+The step's lease is short and renewed while the step runs (store/leases.py), so a killed or frozen holder loses
+it within one TTL.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
-
-from . import analysis, green
-from .analysis import Step
+from . import green
 from .config import Settings
-from .events import broadcast, ending, now_iso, status_update
-from .jobs import JobStore
-from .leases import LeaseKeeper, lease_ttl
-from .model import MESSAGES, JobStatus, can_move
-from .potpie import PermanentPotpieError, PotpieClient, TransientPotpieError
+from .core import analysis
+from .core.analysis import Step
+from .core.events import STATUS_UPDATE, final_events, now_iso, retry_details, status_update
+from .core.job import Change, Job, JobUpdate
+from .core.model import MESSAGES, JobStatus, Stage, can_move
+from .potpie.client import PermanentPotpieError, PotpieClient, TransientPotpieError
+from .store.jobs import JobStore
+from .store.leases import LeaseKeeper, lease_ttl
 
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[str, int, float], None]  # (job_id, seq, countdown seconds)
+Observe = Callable[[Change], None]  # what a job just went through: metrics, webhooks
 
 
 class Waits(Protocol):
@@ -54,21 +55,20 @@ class NoWaits:
 
     def on_stop(self, callback: Callable[[], None]) -> None:
         """Prefork and threads stop running steps their own way (a cold shutdown cancels them)."""
-Observe = Callable[[str, dict[str, str]], None]  # (what happened, job record after it): metrics, webhooks
 
 
-def _ignore(_what: str, _job: dict[str, str]) -> None:
+def _ignore(_change: Change) -> None:
     """The default observer: nothing to do."""
 
 
 @dataclass
 class Advance:
-    """The job goes on: new fields, and how long until its next step (0: at once)."""
+    """The job goes on: its new state and fields, and how long until its next step (0: at once)."""
 
     status: JobStatus
-    fields: dict[str, Any] = field(default_factory=dict)
+    update: JobUpdate = field(default_factory=dict)
     wait: float = 0.0
-    event_extra: dict[str, Any] = field(default_factory=dict)
+    retry_in: float | None = None  # a retry: its delay, told in the event
 
 
 @dataclass
@@ -76,13 +76,12 @@ class End:
     """The job ends (finished or failed)."""
 
     status: JobStatus
-    fields: dict[str, Any] = field(default_factory=dict)
+    update: JobUpdate = field(default_factory=dict)
 
 
-def _is_news(job: dict[str, str], change: Advance) -> bool:
+def _is_news(job: Job, change: Advance) -> bool:
     """Whether the change alters the job (a state, a parse status, progress...) rather than repeat it."""
-    return change.status.value != job.get("status") or any(job.get(name) != str(value)
-                                                           for name, value in change.fields.items())
+    return change.status is not job.status or any(getattr(job, name) != value for name, value in change.update.items())
 
 
 class JobFailed(Exception):
@@ -106,11 +105,12 @@ class Pipeline:
         self.leases = LeaseKeeper(store, self.lease_s)
         self.calls = green.Abortable()  # a cancelled job's Potpie call is aborted (cancels.py)
         self.waits.on_stop(lambda: self.calls.abort_all(green.Stopping))  # hand running steps back
+
     def run(self, job_id: str, seq: int) -> str:
         """Run the job's steps from `seq`; return what happened to this delivery (for logs and tests)."""
         token = uuid.uuid4().hex
         outcome, job = self.store.claim(job_id, seq, token, self.lease_s)
-        if outcome != "ok":
+        if job is None:
             log.info("step skipped: %s", outcome, extra={"job_id": job_id, "seq": seq})
             return outcome
         self.leases.hold(job_id, token)
@@ -122,7 +122,7 @@ class Pipeline:
         finally:
             self.leases.release(job_id)
 
-    def _run_claimed(self, job: dict[str, str], token: str, seq: int) -> str:
+    def _run_claimed(self, job: Job, token: str, seq: int) -> str:
         started = time.monotonic()
         while True:
             try:
@@ -144,17 +144,17 @@ class Pipeline:
                 if not self._advance(job, token, seq, change, keep):
                     return "lease_lost"
                 if not keep:
-                    self.dispatch(job["id"], seq, change.wait)
+                    self.dispatch(job.id, seq, change.wait)
                     return "scheduled"
-            if change.wait > 0 and not self._wait(job["id"], change.wait):
+            if change.wait > 0 and not self._wait(job.id, change.wait):
                 return self._hand_back(job, token, seq, max(0.0, due - time.time()))
 
-    def _hand_back(self, job: dict[str, str], token: str, seq: int, countdown: float) -> str:
+    def _hand_back(self, job: Job, token: str, seq: int, countdown: float) -> str:
         """Give the job's step `seq` back to the queue (this worker stops): free the lease first, so the new
         delivery finds none."""
-        self.store.release(job["id"], token)
-        self.dispatch(job["id"], seq, countdown)
-        log.info("step handed back: the worker is stopping", extra={"job_id": job["id"]})
+        self.store.release(job.id, token)
+        self.dispatch(job.id, seq, countdown)
+        log.info("step handed back: the worker is stopping", extra={"job_id": job.id})
         return "handed back"
 
     def _wait(self, job_id: str, seconds: float) -> bool:
@@ -166,10 +166,10 @@ class Pipeline:
         except green.Stopping:
             return False
 
-    def _attempt(self, job: dict[str, str]) -> Advance | End:
+    def _attempt(self, job: Job) -> Advance | End:
         step = analysis.next_step(job)
         try:
-            with self.calls.watch(job["id"]):
+            with self.calls.watch(job.id):
                 return self._step(step, job)
         except JobFailed as exc:
             return End(JobStatus.FAILED, {"failed_reason": str(exc)})
@@ -178,59 +178,57 @@ class Pipeline:
         except TransientPotpieError as exc:
             return self._retry_or_fail(job, exc.reason, exc.retry_after)
         except Exception as exc:  # a bug must not wedge the job: count it as a failed attempt
-            log.exception("step %s crashed", step.value, extra={"job_id": job["id"]})
+            log.exception("step %s crashed", step.value, extra={"job_id": job.id})
             return self._retry_or_fail(job, f"internal error in {step.value}: {type(exc).__name__}", None)
 
-    def _step(self, step: Step, job: dict[str, str]) -> Advance | End:
-        working = {} if job.get("attempts", "0") != "0" else {"attempts": 1, "processed_at": now_iso()}
+    def _step(self, step: Step, job: Job) -> Advance | End:
+        working: JobUpdate = {} if job.attempts else {"attempts": 1, "processed_at": now_iso()}
         if step is Step.SUBMIT_PARSE:
             return self._submit_parse(job, working)
         if step is Step.POLL_PARSE:
             return self._poll_parse(job, working)
         if step is Step.CREATE_CONVERSATION:
-            conversation_id = self.potpie.create_conversation(job["potpie_project_id"])
+            conversation_id = self.potpie.create_conversation(job.potpie_project_id)
             return Advance(JobStatus.PROCESSING_CONVERSATIONS,
-                           {**working, "conversation_id": conversation_id,
-                            "progress": analysis.PROGRESS["conversation"],
+                           {**working, "conversation_id": conversation_id, "progress": int(Stage.CONVERSATION),
                             "message": "Asking Potpie's codebase agent the question..."})
         if step is Step.ASK_QUESTION:
-            reply = self.potpie.send_message(job["conversation_id"], analysis.question_of(job))
+            reply = self.potpie.send_message(job.conversation_id, analysis.question_of(job))
             return Advance(JobStatus.PROCESSING_CONVERSATIONS,
-                           {**working, "answer": reply.text, "citations": json.dumps(reply.citations),
-                            "progress": analysis.PROGRESS["answered"],
+                           {**working, "answer": reply.text, "citations": reply.citations,
+                            "progress": int(Stage.ANSWERED),
                             "message": "Answer received; asking for the structured analysis..."})
         if step is Step.ASK_STRUCTURED:
-            reply = self.potpie.send_message(job["conversation_id"], analysis.structured_prompt(job))
+            reply = self.potpie.send_message(job.conversation_id, analysis.structured_prompt(job))
             return Advance(JobStatus.PROCESSING_CONVERSATIONS,
-                           {**working, "analysis_text": reply.text, "progress": 95,
+                           {**working, "analysis_text": reply.text, "progress": int(Stage.ANALYSED),
                             "message": "Structured analysis received; building the result..."})
         finished_at = now_iso()
-        started = float(job.get("created_ts") or time.time())
-        result = analysis.build_result(job, finished_at, int((time.time() - started) * 1000))
-        return End(JobStatus.FINISHED, {"result": json.dumps(result), "progress": 100, "finished_at": finished_at,
-                                        "message": MESSAGES[JobStatus.FINISHED]})
+        result = analysis.build_result(job, finished_at, int((time.time() - (job.created_ts or time.time())) * 1000))
+        return End(JobStatus.FINISHED, {"result": result, "progress": int(Stage.FINISHED),
+                                        "finished_at": finished_at, "message": MESSAGES[JobStatus.FINISHED]})
 
-    def _submit_parse(self, job: dict[str, str], working: dict[str, Any]) -> Advance:
+    def _submit_parse(self, job: Job, working: JobUpdate) -> Advance:
         found = None
-        if job.get("parse_requested") == "1":  # an earlier try sent the request; did it reach Potpie?
-            found = self.potpie.find_project(job["repo"], job["branch"])
+        if job.parse_requested:  # an earlier try sent the request; did it reach Potpie?
+            found = self.potpie.find_project(job.repo, job.branch)
         if found is None:
-            self.store.mark(job["id"], parse_requested=1)
-            job["parse_requested"] = "1"  # this run may go on to a retry of this step itself
-            found = self.potpie.submit_parse(job["repo"], job["branch"], self._github_token(job))
+            self.store.mark(job.id, parse_requested=True)
+            job.parse_requested = True  # this run may go on to a retry of this step itself
+            found = self.potpie.submit_parse(job.repo, job.branch, self._github_token(job))
         project_id, status = found
-        started = {"potpie_project_id": project_id, "parse_started_at": job.get("parse_started_at") or time.time()}
-        return self._parse_outcome(job, {**working, **started}, status, analysis.PROGRESS[JobStatus.PARSING])
+        started = {"potpie_project_id": project_id, "parse_started_at": job.parse_started_at or time.time()}
+        return self._parse_outcome({**working, **started}, status, int(Stage.PARSING))
 
-    def _poll_parse(self, job: dict[str, str], working: dict[str, Any]) -> Advance:
-        started = float(job.get("parse_started_at") or time.time())
+    def _poll_parse(self, job: Job, working: JobUpdate) -> Advance:
+        started = job.parse_started_at or time.time()
         if time.time() - started > self.settings.parse_timeout:
             raise JobFailed(f"Potpie did not finish parsing within PARSE_TIMEOUT ({self.settings.parse_timeout:g} s); "
-                            f"last status: {job.get('parse_status')}")
-        status = self.potpie.parse_status(job["potpie_project_id"])
-        return self._parse_outcome(job, working, status, int(job.get("progress") or 0))
+                            f"last status: {job.parse_status}")
+        status = self.potpie.parse_status(job.potpie_project_id)
+        return self._parse_outcome(working, status, job.progress)
 
-    def _parse_outcome(self, job: dict[str, str], fields: dict[str, Any], status: str, progress: int) -> Advance:
+    def _parse_outcome(self, update: JobUpdate, status: str, progress: int) -> Advance:
         """What a Potpie parse status means for the job: failed, ready (also straight from a parse request, when
         Potpie already holds the repository), or still parsing, polled again after the interval."""
         state = analysis.parse_state(status)
@@ -238,77 +236,74 @@ class Pipeline:
             raise JobFailed("Potpie could not parse the repository (status: error). Check that the repository "
                             "and branch exist and that Potpie can access them.")
         if state is JobStatus.READY:
-            return Advance(JobStatus.READY, {**fields, "parse_status": status, "parsed_at": now_iso(),
-                                             "progress": analysis.PROGRESS[JobStatus.READY],
-                                             "message": MESSAGES[JobStatus.READY]})
-        return Advance(JobStatus.PARSING, {**fields, "parse_status": status,
+            return Advance(JobStatus.READY, {**update, "parse_status": status, "parsed_at": now_iso(),
+                                             "progress": int(Stage.READY), "message": MESSAGES[JobStatus.READY]})
+        return Advance(JobStatus.PARSING, {**update, "parse_status": status,
                                            "progress": analysis.parse_progress(status, progress),
                                            "message": f"Potpie is parsing the repository (status: {status})"},
                        wait=self.settings.potpie_poll_interval)
 
-    def _github_token(self, job: dict[str, str]) -> str | None:
-        if job.get("has_github_token") != "1":
+    def _github_token(self, job: Job) -> str | None:
+        if not job.has_github_token:
             return None
-        token = self.reveal_token(job["id"])
+        token = self.reveal_token(job.id)
         if token is None:
             raise JobFailed("the GitHub token could not be read: it expired, or TOKEN_ENCRYPTION_KEY differs "
                             "between the API and the worker")
         return token
 
-    def _retry_or_fail(self, job: dict[str, str], reason: str, retry_after: float | None) -> Advance | End:
-        attempts = max(1, int(job.get("attempts") or 1))
+    def _retry_or_fail(self, job: Job, reason: str, retry_after: float | None) -> Advance | End:
+        attempts = max(1, job.attempts)
         if attempts > self.settings.max_retries:
             return End(JobStatus.FAILED, {"failed_reason": f"{reason} (gave up after {attempts} attempts)"})
         delay = self.settings.retry_base_delay * 2 ** (attempts - 1) * random.uniform(1.0, 1.2)
         delay = min(max(delay, retry_after or 0.0), self.settings.broker_visibility_timeout / 2)
-        fields = {"attempts": attempts + 1, "last_error": reason, "progress": job.get("progress") or 0,
-                  "message": f"Attempt {attempts} of {self.settings.max_retries + 1} failed: {reason}. "
-                             f"Retrying in {delay:.1f} s."}
-        if job.get("attempts", "0") == "0":
-            fields["processed_at"] = now_iso()
-        extra = {"attempt": attempts, "max_attempts": self.settings.max_retries + 1, "retry_in": round(delay, 3),
-                 "error": reason}
-        return Advance(JobStatus.RETRYING, fields, wait=delay, event_extra=extra)
+        update: JobUpdate = {"attempts": attempts + 1, "last_error": reason, "progress": job.progress,
+                             "message": f"Attempt {attempts} of {self.settings.max_retries + 1} failed: {reason}. "
+                                        f"Retrying in {delay:.1f} s."}
+        if not job.attempts:
+            update["processed_at"] = now_iso()
+        return Advance(JobStatus.RETRYING, update, wait=delay, retry_in=delay)
 
-    def _advance(self, job: dict[str, str], token: str, seq: int, change: Advance, keep: bool) -> bool:
-        current = JobStatus(job.get("status", "queued"))
+    def _advance(self, job: Job, token: str, seq: int, change: Advance, keep: bool) -> bool:
+        current = job.status
         if not can_move(current, change.status):
-            log.error("refused transition %s -> %s", current.value, change.status.value, extra={"job_id": job["id"]})
-            change = Advance(JobStatus.RETRYING, change.fields, wait=self.settings.retry_base_delay)
+            log.error("refused transition %s -> %s", current.value, change.status.value, extra={"job_id": job.id})
+            change = Advance(JobStatus.RETRYING, change.update, wait=self.settings.retry_base_delay)
         # Only progress within one state may be throttled; every retry is news (attempt, delay, error).
-        mode = "progress" if current is change.status and current is not JobStatus.RETRYING else "state"
-        fields = {**change.fields, "status": change.status.value, "seq": seq,
-                  "next_due": time.time() + change.wait}
+        progress_only = current is change.status and current is not JobStatus.RETRYING
+        update: JobUpdate = {**change.update, "status": change.status, "seq": seq,
+                             "next_due": time.time() + change.wait}
         if current is not change.status:
-            fields["status_since"] = time.time()  # when the job entered this state (metrics: time per state)
-        after = {**job, **{k: str(v) for k, v in fields.items()}}
-        news = broadcast(self.settings, job["id"], [("status_update", status_update(after, 0, **change.event_extra))])
-        event_seq = self.store.commit(job["id"], token, fields, mode, keep_lease=keep, lease_s=self.lease_s,
-                                      broadcast=news)  # published by the commit itself, unless throttled
+            update["status_since"] = time.time()  # when the job entered this state (metrics: time per state)
+        previous, since = job.status, job.status_since
+        job.apply(update)
+        extra = retry_details(job, change.retry_in) if change.retry_in is not None else {}
+        news = self.store.broadcast(job.id, [(STATUS_UPDATE, status_update(job, 0, **extra))])
+        event_seq = self.store.commit(job.id, token, update, progress_only, keep_lease=keep, lease_s=self.lease_s,
+                                      news=news)  # published by the commit itself, unless throttled
         if event_seq < 0:
-            log.warning("lost the step lease; another delivery owns the job", extra={"job_id": job["id"]})
+            log.warning("lost the step lease; another delivery owns the job", extra={"job_id": job.id})
             return False
-        previous, since = job.get("status"), job.get("status_since", "")  # metrics: created_ts if none
-        job.update(after)
-        if previous != change.status.value:
-            self.observe("transition", {**job, "previous_status": previous or "", "previous_since": since})
+        if previous is not change.status:
+            self.observe(Change(False, job, previous, since))
         if change.status is JobStatus.RETRYING:
-            log.warning("attempt failed, retrying: %s", job.get("last_error"), extra={"job_id": job["id"]})
+            log.warning("attempt failed, retrying: %s", job.last_error, extra={"job_id": job.id})
         return True
 
-    def _end(self, job: dict[str, str], token: str, change: End) -> None:
-        change.fields.setdefault("attempts", max(1, int(job.get("attempts") or 0)))
+    def _end(self, job: Job, token: str, change: End) -> None:
+        update: JobUpdate = {"attempts": max(1, job.attempts), **change.update}
         if change.status is JobStatus.FAILED:
-            change.fields.setdefault("finished_at", now_iso())
-            change.fields.setdefault("message", change.fields["failed_reason"])
-            log.error("job failed: %s", change.fields["failed_reason"], extra={"job_id": job["id"]})
-        after, news = ending(self.settings, job, change.status, change.fields)
-        seq, admitted = self.store.finish(job["id"], token, change.status, change.fields, broadcast=news)
+            update.setdefault("finished_at", now_iso())
+            update.setdefault("message", update["failed_reason"])
+            log.error("job failed: %s", update["failed_reason"], extra={"job_id": job.id})
+        previous, since = job.status, job.status_since
+        job.apply({**update, "status": change.status})
+        news = self.store.broadcast(job.id, final_events(job, 0))
+        seq, admitted = self.store.finish(job, token, change.status, update, news=news)
         if seq < 0:
-            log.warning("could not end the job (lease lost or already ended)", extra={"job_id": job["id"]})
+            log.warning("could not end the job (lease lost or already ended)", extra={"job_id": job.id})
             return
-        previous, since = job.get("status", ""), job.get("status_since", "")  # metrics: created_ts if none
-        job.update(after)
-        self.observe("ended", {**job, "previous_status": previous, "previous_since": since})
+        self.observe(Change(True, job, previous, since))
         for admitted_id in admitted:
             self.dispatch(admitted_id, 0, 0)

@@ -14,7 +14,7 @@ from celery.utils.saferepr import saferepr
 from kombu.transport import redis as kombu_redis
 
 from .config import Settings
-from .connections import celery_ssl_options
+from .store.connections import celery_ssl_options
 from .logs import mask
 
 POOL_WAIT_S = 10.0  # how long a publish or ack waits for a free broker connection
@@ -77,7 +77,12 @@ class Transport(kombu_redis.Transport):
 
 def make_celery(settings: Settings) -> Celery:
     """The Celery app for the API (producer only) and the workers."""
-    app = MaskedCelery("potpie_service", broker=settings.redis_url)
+    return configure(MaskedCelery("potpie_service"), settings)
+
+
+def configure(app: Celery, settings: Settings) -> Celery:
+    """Every Celery setting of the service (the workers' app is configured when Celery first reads its conf)."""
+    app.conf.broker_url = settings.redis_url
     app.conf.broker_transport = f"{__name__}:Transport"
     app.conf.update(
         task_serializer="json",

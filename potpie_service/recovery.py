@@ -8,9 +8,8 @@ from __future__ import annotations
 import logging
 import time
 
-from .jobs import JobStore
-from .model import JobStatus
 from .pipeline import Dispatch
+from .store.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -20,17 +19,10 @@ def sweep(store: JobStore, dispatch: Dispatch, grace: float) -> list[str]:
     dispatched = store.admit()
     for job_id in dispatched:
         dispatch(job_id, 0, 0)
-    now = time.time()
-    ids = store.active()
-    for job_id, (status, seq, next_due, leased) in zip(ids, store.records(ids, "status", "seq", "next_due")):
-        if status is None:
-            store.drop_active(job_id)
-            continue
-        if JobStatus(status).terminal or leased or now < float(next_due or 0) + grace:
-            continue
-        log.warning("step overdue by %.0f s; dispatching it again", now - float(next_due or 0),
-                    extra={"job_id": job_id, "seq": seq})
-        store.mark(job_id, next_due=now)
-        dispatch(job_id, int(seq or 0), 0)
-        dispatched.append(job_id)
+    for late in store.overdue(grace):
+        log.warning("step overdue by %.0f s; dispatching it again", late.late_s,
+                    extra={"job_id": late.job_id, "seq": late.seq})
+        store.mark(late.job_id, next_due=time.time())
+        dispatch(late.job_id, late.seq, 0)
+        dispatched.append(late.job_id)
     return dispatched

@@ -11,15 +11,16 @@ from typing import Any, Callable
 
 import redis
 
-from . import SERVICE_NAME, __version__, analysis
-from .api.errors import Conflict, NotFound, ServiceUnavailable, ValidationError
-from .api.validation import AnalyzeRequest
+from . import SERVICE_NAME, __version__
 from .config import Settings
-from .events import ending, now_iso
-from .jobs import Dedup, JobStore
-from .metrics import MetricsRecorder
-from .model import MESSAGES, JobStatus
-from .potpie import PotpieClient
+from .core import analysis
+from .core.errors import Conflict, NotFound, Unavailable, ValidationError
+from .core.events import final_events, now_iso
+from .core.job import Change, Job, JobUpdate
+from .core.model import MESSAGES, JobStatus
+from .core.submission import AnalyzeRequest
+from .potpie.client import PotpieClient
+from .store.jobs import Dedup, JobStore
 from .tokens import TokenCipher
 from .webhooks import UnsafeCallbackUrl, check_url
 
@@ -39,13 +40,13 @@ class JobService:
         self.dispatch = dispatch
         self.cipher = cipher
         self.potpie = potpie
-        self.observe: Callable[[str, dict[str, str]], None] = MetricsRecorder(store.redis, store.prefix).observe
+        self.observe: Callable[[Change], None] = store.recorder().observe
         self.started = time.time()
         self._potpie_checked: tuple[float, bool, float] = (0.0, False, 0.0)
         self._durations: tuple[float, list[float]] = (0.0, [])  # (read at, monotonic), for ETAs
 
     def submit(self, owner: str, request: AnalyzeRequest, idempotency_key: str | None = None,
-               extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+               retry_of: Job | None = None) -> tuple[int, dict[str, Any]]:
         """Queue a new analysis job, or find the one it repeats; return (HTTP status, body)."""
         if request.github_token and not self.cipher.enabled:
             raise ValidationError("github_token cannot be accepted: the server has no TOKEN_ENCRYPTION_KEY",
@@ -55,35 +56,31 @@ class JobService:
                 check_url(request.callback_url, self.settings.webhook_allow_private)
             except UnsafeCallbackUrl as exc:
                 raise ValidationError(str(exc), field="callback_url") from None
-        job_id = uuid.uuid4().hex
-        created = now_iso()
-        fields = {
-            "id": job_id, "owner": owner, "repo": request.repo, "branch": request.branch,
-            "question": request.question, "status": JobStatus.QUEUED.value, "progress": 0,
-            "message": MESSAGES[JobStatus.QUEUED], "attempts": 0, "max_attempts": self.settings.max_retries + 1,
-            "created_at": created, "created_ts": time.time(), "seq": 0, "event_seq": 0,
-            "has_github_token": 1 if request.github_token else 0, "callback_url": request.callback_url or "",
-            **(extra or {}),
-        }
+        job = Job(id=uuid.uuid4().hex, owner=owner, repo=request.repo, branch=request.branch,
+                  question=request.question, message=MESSAGES[JobStatus.QUEUED],
+                  max_attempts=self.settings.max_retries + 1, created_at=now_iso(), created_ts=time.time(),
+                  has_github_token=bool(request.github_token), callback_url=request.callback_url or "",
+                  retry_of=retry_of.id if retry_of else "",
+                  history=[*retry_of.history, retry_of.id] if retry_of else [])
         sealed = self.cipher.encrypt(request.github_token) if request.github_token else ""
         try:
-            submitted = self.store.submit(job_id, owner, fields, sealed, int(self.settings.parse_timeout) + 86400,
+            submitted = self.store.submit(job, sealed, int(self.settings.parse_timeout) + 86400,
                                           self._dedup(request, idempotency_key))
         except redis.RedisError as exc:
             log.error("cannot queue the job: Redis unavailable (%s)", type(exc).__name__)
-            raise ServiceUnavailable("Redis connection failed: the job was not queued; try again later") from None
+            raise Unavailable("Redis connection failed: the job was not queued; try again later") from None
         if submitted.outcome == "conflict":
             raise Conflict("Idempotency-Key was already used with a different request", field="Idempotency-Key",
                            job_id=submitted.job_id)
         if submitted.outcome != "created":
-            record = self.job(owner, submitted.job_id)
-            body = self._accepted(record, self.queue_position(record))
+            existing = self.job(owner, submitted.job_id)
+            body = self._accepted(existing, self.queue_position(existing))
             body["deduplicated" if submitted.outcome == "duplicate" else "idempotent_replay"] = True
             return 200, body
         for admitted in submitted.admitted:
             self._dispatch_first(admitted)
-        log.info("job queued for %s@%s", request.repo, request.branch, extra={"job_id": job_id})
-        return 202, self._accepted(fields, submitted.queue_position)
+        log.info("job queued for %s@%s", request.repo, request.branch, extra={"job_id": job.id})
+        return 202, self._accepted(job, submitted.queue_position)
 
     def _dedup(self, request: AnalyzeRequest, idempotency_key: str | None) -> Dedup:
         identity = json.dumps([request.repo, request.branch, request.question, request.callback_url or ""])
@@ -94,14 +91,13 @@ class JobService:
             request_hash=digest,
         )
 
-    def _accepted(self, record: dict[str, Any], position: int | None) -> dict[str, Any]:
-        job_id = record["id"]
+    def _accepted(self, job: Job, position: int | None) -> dict[str, Any]:
         return {
-            "success": True, "project_id": job_id, "job_id": job_id, "status": record["status"],
-            "message": MESSAGES[JobStatus(record["status"])], "websocket_endpoint": "/socket.io/",
-            "socketio": {"path": "/socket.io/", "join_event": "join_project", "room_id": job_id},
-            "status_url": f"/status/{job_id}", "queue_position": position,
-            "eta_seconds": self.eta(record, position), "timestamp": record.get("created_at") or now_iso(),
+            "success": True, "project_id": job.id, "job_id": job.id, "status": job.status.value,
+            "message": MESSAGES[job.status], "websocket_endpoint": "/socket.io/",
+            "socketio": {"path": "/socket.io/", "join_event": "join_project", "room_id": job.id},
+            "status_url": f"/status/{job.id}", "queue_position": position,
+            "eta_seconds": self.eta(job, position), "timestamp": job.created_at or now_iso(),
         }
 
     def _dispatch_first(self, job_id: str) -> None:
@@ -111,43 +107,38 @@ class JobService:
             log.warning("could not enqueue the first step; the sweeper will", extra={"job_id": job_id},
                         exc_info=True)
 
-    def job(self, owner: str, job_id: str | None) -> dict[str, str]:
-        """The owner's job record, or NotFound (also for other owners' jobs: no existence leak)."""
+    def job(self, owner: str, job_id: str | None) -> Job:
+        """The owner's job, or NotFound (also for other owners' jobs: no existence leak)."""
         try:
-            record = self.store.get(job_id) if job_id else None
-        except redis.RedisError:  # an ApiError here, not the app's handler: Socket.IO joins call this too
-            raise ServiceUnavailable("Redis connection failed") from None
-        if not record or record.get("owner") != owner:
+            job = self.store.get(job_id) if job_id else None
+        except redis.RedisError:  # a domain error here, not the app's handler: Socket.IO joins call this too
+            raise Unavailable("Redis connection failed") from None
+        if job is None or job.owner != owner:
             raise NotFound("Job not found", project_id=job_id)
-        return record
+        return job
 
-    def queue_position(self, record: dict[str, str]) -> int | None:
+    def queue_position(self, job: Job) -> int | None:
         """Place in line while queued (0: admitted, starting), else None."""
-        if record.get("status") != JobStatus.QUEUED.value:
+        if job.status is not JobStatus.QUEUED:
             return None
-        return self.store.queue_position(record["id"]) or 0
+        return self.store.queue_position(job.id) or 0
 
     def status(self, owner: str, job_id: str | None) -> dict[str, Any]:
         """The `/status/<id>` body."""
-        record = self.job(owner, job_id)
-        position = self.queue_position(record)
+        job = self.job(owner, job_id)
+        position = self.queue_position(job)
         body: dict[str, Any] = {
-            "success": True, "project_id": record["id"], "job_id": record["id"], "status": record["status"],
-            "message": record.get("message"), "progress": int(record.get("progress") or 0),
-            "queue_position": position, "eta_seconds": self.eta(record, position),
-            "attempts": int(record.get("attempts") or 0),
-            "max_attempts": int(record.get("max_attempts") or 0),
-            "potpie_project_id": record.get("potpie_project_id") or None,
-            "repo": record["repo"], "branch": record["branch"],
-            "details": {
-                "created_at": record.get("created_at"), "processed_at": record.get("processed_at") or None,
-                "finished_at": record.get("finished_at") or None,
-                "failed_reason": record.get("failed_reason") or None,
-            },
+            "success": True, "project_id": job.id, "job_id": job.id, "status": job.status.value,
+            "message": job.message, "progress": job.progress,
+            "queue_position": position, "eta_seconds": self.eta(job, position),
+            "attempts": job.attempts, "max_attempts": job.max_attempts,
+            "potpie_project_id": job.potpie_project_id or None, "repo": job.repo, "branch": job.branch,
+            "details": {"created_at": job.created_at or None, "processed_at": job.processed_at or None,
+                        "finished_at": job.finished_at or None, "failed_reason": job.failed_reason or None},
             "timestamp": now_iso(),
         }
-        if record.get("result"):
-            body["result"] = json.loads(record["result"])
+        if job.result is not None:
+            body["result"] = job.result
         return body
 
     def _recent_durations(self) -> list[float]:
@@ -158,63 +149,59 @@ class JobService:
             self._durations = (time.monotonic(), durations)
         return durations
 
-    def eta(self, record: dict[str, Any], position: int | None) -> float | None:
+    def eta(self, job: Job, position: int | None) -> float | None:
         """Seconds until the job should finish (see analysis.eta_seconds)."""
-        status = record.get("status", "queued")
-        durations = [] if JobStatus(status).terminal else self._recent_durations()
-        admitted = float(record["admitted_at"]) if record.get("admitted_at") else None
-        return analysis.eta_seconds(status, position, admitted, durations, self.settings.max_concurrent_jobs,
-                                    time.time())
+        durations = [] if job.terminal else self._recent_durations()
+        return analysis.eta_seconds(job.status, position, job.admitted_at or None, durations,
+                                    self.settings.max_concurrent_jobs, time.time())
 
     def cancel(self, owner: str, job_id: str | None) -> dict[str, Any]:
-        """Cancel a queued or running job: free its slot, tell its room; a running step stops at its next commit."""
-        record = self.job(owner, job_id)
-        if JobStatus(record["status"]).terminal:
-            raise Conflict(f"the job has already ended ({record['status']})", field="job_id", status=record["status"])
-        fields = {"message": MESSAGES[JobStatus.CANCELLED], "finished_at": now_iso(), "cancelled_by": owner}
-        after, news = ending(self.settings, record, JobStatus.CANCELLED, fields)  # the end itself tells the room
-        seq, admitted = self.store.finish(record["id"], "", JobStatus.CANCELLED, fields, broadcast=news)
+        """Cancel a queued or running job: free its slot, tell its room, abort its Potpie call in flight."""
+        job = self.job(owner, job_id)
+        if job.terminal:
+            raise Conflict(f"the job has already ended ({job.status.value})", field="job_id", status=job.status.value)
+        update: JobUpdate = {"message": MESSAGES[JobStatus.CANCELLED], "finished_at": now_iso(), "cancelled_by": owner}
+        previous, since = job.status, job.status_since
+        job.apply({**update, "status": JobStatus.CANCELLED})
+        news = self.store.broadcast(job.id, final_events(job, 0))  # the end itself tells the room
+        seq, admitted = self.store.finish(job, "", JobStatus.CANCELLED, update, news=news)
         if seq < 0:
             raise Conflict("the job has already ended", field="job_id")
-        self.observe("ended", {**after, "previous_status": record["status"],
-                               "previous_since": record.get("status_since", "")})
+        self.observe(Change(True, job, previous, since))
         for admitted_id in admitted:
             self._dispatch_first(admitted_id)
-        log.info("job cancelled", extra={"job_id": record["id"]})
-        return {"success": True, "project_id": record["id"], "job_id": record["id"],
-                "status": JobStatus.CANCELLED.value, "timestamp": now_iso()}
+        log.info("job cancelled", extra={"job_id": job.id})
+        return {"success": True, "project_id": job.id, "job_id": job.id, "status": JobStatus.CANCELLED.value,
+                "timestamp": now_iso()}
 
-    def list_jobs(self, owner: str, status: str | None, page: int, per_page: int) -> dict[str, Any]:
+    def list_jobs(self, owner: str, status: JobStatus | None, page: int, per_page: int) -> dict[str, Any]:
         """A page of the owner's jobs, newest first (status=failed: the dead-letter list)."""
-        total, records = self.store.owner_jobs(owner, status, (page - 1) * per_page, per_page)
-        jobs = []
-        for record in records:
-            position = self.queue_position(record)
-            jobs.append({
-                "job_id": record["id"], "project_id": record["id"], "repo": record["repo"],
-                "branch": record["branch"], "question": record.get("question", ""), "status": record["status"],
-                "progress": int(record.get("progress") or 0), "queue_position": position,
-                "eta_seconds": self.eta(record, position), "attempts": int(record.get("attempts") or 0),
-                "created_at": record.get("created_at"), "finished_at": record.get("finished_at") or None,
-                "failed_reason": record.get("failed_reason") or None, "retry_of": record.get("retry_of") or None,
+        total, jobs = self.store.owner_jobs(owner, status, (page - 1) * per_page, per_page)
+        rows = []
+        for job in jobs:
+            position = self.queue_position(job)
+            rows.append({
+                "job_id": job.id, "project_id": job.id, "repo": job.repo, "branch": job.branch,
+                "question": job.question, "status": job.status.value, "progress": job.progress,
+                "queue_position": position, "eta_seconds": self.eta(job, position), "attempts": job.attempts,
+                "created_at": job.created_at or None, "finished_at": job.finished_at or None,
+                "failed_reason": job.failed_reason or None, "retry_of": job.retry_of or None,
             })
-        return {"success": True, "jobs": jobs, "page": page, "per_page": per_page, "total": total,
-                "status": status, "timestamp": now_iso()}
+        return {"success": True, "jobs": rows, "page": page, "per_page": per_page, "total": total,
+                "status": status.value if status else None, "timestamp": now_iso()}
 
     def retry(self, owner: str, job_id: str | None, github_token: str | None) -> tuple[int, dict[str, Any]]:
         """Run a failed or cancelled job again as a new job that keeps the history."""
-        record = self.job(owner, job_id)
-        if record["status"] not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
-            raise Conflict(f"only failed or cancelled jobs can be retried (this one is {record['status']})",
-                           field="job_id", status=record["status"])
-        if record.get("has_github_token") == "1" and not github_token:
+        job = self.job(owner, job_id)
+        if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise Conflict(f"only failed or cancelled jobs can be retried (this one is {job.status.value})",
+                           field="job_id", status=job.status.value)
+        if job.has_github_token and not github_token:
             raise ValidationError("the original job had a GitHub token, which was deleted when it ended: "
                                   "send it again as github_token", field="github_token")
-        history = json.loads(record.get("history") or "[]") + [record["id"]]
-        request = AnalyzeRequest(record["repo"], record["branch"], record.get("question", ""), github_token,
-                                 record.get("callback_url") or None)
-        status, body = self.submit(owner, request, extra={"retry_of": record["id"], "history": json.dumps(history)})
-        body.update(retry_of=record["id"], history=history)
+        request = AnalyzeRequest(job.repo, job.branch, job.question, github_token, job.callback_url or None)
+        status, body = self.submit(owner, request, retry_of=job)
+        body.update(retry_of=job.id, history=[*job.history, job.id])
         return status, body
 
     def queue_stats(self) -> dict[str, Any]:

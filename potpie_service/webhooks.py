@@ -22,7 +22,10 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .events import final_events
+from .core.events import final_events
+from .core.job import Change
+from .core.model import JobStatus
+from .store.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +147,7 @@ def deliver(url: str, event: str, payload: dict[str, Any], secret: str, allow_pr
 class WebhookNotifier:
     """Sends a job's final event to its callback_url after it ends, retrying with backoff."""
 
-    def __init__(self, store: Any, secret: str, allow_private: bool, max_attempts: int,
+    def __init__(self, store: JobStore, secret: str, allow_private: bool, max_attempts: int,
                  schedule: Callable[[str, int, float], None]) -> None:
         self.store = store
         self.secret = secret
@@ -152,19 +155,20 @@ class WebhookNotifier:
         self.max_attempts = max_attempts
         self.schedule = schedule  # (job_id, attempt, countdown): enqueue a delivery attempt
 
-    def on_event(self, what: str, job: dict[str, str]) -> None:
+    def on_event(self, change: Change) -> None:
         """Pipeline observer: schedule the first delivery when a job with a callback finishes or fails."""
-        if what == "ended" and job.get("callback_url") and job.get("status") in ("finished", "failed"):
-            self.schedule(job["id"], 1, 0)
+        job = change.job
+        if change.ended and job.callback_url and job.status in (JobStatus.FINISHED, JobStatus.FAILED):
+            self.schedule(job.id, 1, 0)
 
     def deliver(self, job_id: str, attempt: int) -> str:
         """One delivery attempt; returns delivered, retrying, failed or gone."""
-        record = self.store.get(job_id)
-        if not record or not record.get("callback_url"):
+        job = self.store.get(job_id)
+        if job is None or not job.callback_url:
             return "gone"
-        event, payload = final_events(record, max(int(record.get("event_seq") or 1) - 1, 0))[-1]
+        event, payload = final_events(job, max(job.event_seq - 1, 0))[-1]
         try:
-            deliver(record["callback_url"], event, payload, self.secret, self.allow_private)
+            deliver(job.callback_url, event, payload, self.secret, self.allow_private)
         except (requests.RequestException, UnsafeCallbackUrl) as exc:
             final = attempt >= self.max_attempts or isinstance(exc, UnsafeCallbackUrl)
             self.store.mark(job_id, webhook_status="failed" if final else "retrying", webhook_attempts=attempt,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from potpie_service.auth import new_key  # noqa: E402
 from potpie_service.config import ConfigError, Settings  # noqa: E402
-from potpie_service.runtime import make_store  # noqa: E402
+from potpie_service.store import make_store  # noqa: E402
 from potpie_service.tokens import new_key as new_token_key  # noqa: E402
 
 KEY_FILE = ROOT / ".dev" / "api-key"

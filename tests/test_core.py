@@ -7,28 +7,41 @@ import sys
 
 import pytest
 
-from potpie_service import analysis
-from potpie_service.analysis import Step
-from potpie_service.api.errors import ValidationError
-from potpie_service.api.validation import analyze_request, check_branch, check_repo
+from potpie_service.core import analysis
+from potpie_service.core.analysis import Step
+from potpie_service.core.errors import ValidationError
+from potpie_service.core.submission import analyze_request, check_branch, check_repo
 from potpie_service.config import ConfigError, Settings
-from potpie_service.model import JobStatus, can_move
+from potpie_service.core.job import Job, to_hash
+from potpie_service.core.model import JobStatus, can_move
 from tests.stack import ROOT
 
 
 def test_next_step_follows_what_the_job_already_holds() -> None:
-    job: dict[str, str] = {}
+    job = Job("j")
     assert analysis.next_step(job) is Step.SUBMIT_PARSE
-    job.update(potpie_project_id="p", parse_status="cloned")
+    job.apply({"potpie_project_id": "p", "parse_status": "cloned"})
     assert analysis.next_step(job) is Step.POLL_PARSE
-    job["parse_status"] = "ready"
+    job.parse_status = "ready"
     assert analysis.next_step(job) is Step.CREATE_CONVERSATION
-    job["conversation_id"] = "c"
+    job.conversation_id = "c"
     assert analysis.next_step(job) is Step.ASK_QUESTION
-    job["answer"] = ""  # an empty answer is still an answer: do not ask twice
-    assert analysis.next_step(job) is Step.ASK_STRUCTURED
-    job["analysis_text"] = "{}"
+    job.answer = ""  # an empty answer is still an answer: do not ask twice
+    assert analysis.next_step(Job.from_hash(job.to_hash())) is Step.ASK_STRUCTURED  # also once stored and read
+    job.analysis_text = "{}"
     assert analysis.next_step(job) is Step.FINISH
+
+
+def test_the_job_record_survives_the_hash_field_by_field() -> None:
+    job = Job("j", owner="alice", status=JobStatus.RETRYING, progress=30, created_ts=1.5, has_github_token=True,
+              history=["a", "b"], citations=["x.py"], result={"k": [1]}, answer="", parse_requested=True)
+    raw = job.to_hash()
+    assert raw["status"] == "retrying" and raw["has_github_token"] == "1" and raw["history"] == '["a", "b"]'
+    assert "analysis_text" not in raw, "None is not written: it stays 'not asked yet'"
+    assert Job.from_hash(raw) == job
+    assert Job.from_hash({"id": "j", "ticket": "7"}) == Job("j"), "the store's own fields are left out"
+    with pytest.raises(KeyError, match="no field 'stauts'"):
+        to_hash({"stauts": "queued"})
 
 
 # Parse status sequences Potpie's code can produce (API-FACTS §3): the February, June and August builds, a parse
@@ -78,23 +91,23 @@ def test_extract_json_finds_the_first_object(text: str, expected: object) -> Non
 
 
 def test_build_result_normalises_snippets_and_keeps_raw_text_when_unparseable() -> None:
-    job = {"id": "j", "repo": "o/r", "branch": "main", "question": "", "answer": "A", "citations": '["a.py"]',
-           "analysis_text": '```json\n{"overview": "o", "snippets": [{"file_path": "a.py", "line_start": "3", '
-                            '"line_end": 1, "tags": "x"}, {"no": "path"}]}\n```', "attempts": "2"}
+    job = Job("j", repo="o/r", branch="main", question="", answer="A", citations=["a.py"], attempts=2,
+              analysis_text='```json\n{"overview": "o", "snippets": [{"file_path": "a.py", "line_start": "3", '
+                            '"line_end": 1, "tags": "x"}, {"no": "path"}]}\n```')
     result = analysis.build_result(job, "t", 5)
     assert result["snippets"] == [{"node_id": "a.py:3-1", "file_path": "a.py", "line_start": 3, "line_end": 3,
                                    "tags": [], "description": ""}]
     assert result["snippets_count"] == 1 and result["analysis_response"] == {"overview": "o"}
     assert result["question"] == analysis.DEFAULT_QUESTION and result["metadata"]["attempts"] == 2
-    broken = analysis.build_result({**job, "analysis_text": "sorry, no"}, "t", 5)
+    broken = analysis.build_result(job.apply({"analysis_text": "sorry, no"}), "t", 5)
     assert broken["analysis_response"]["raw_text"] == "sorry, no" and broken["snippets_count"] == 0
 
 
 def test_eta_from_recent_durations() -> None:
-    assert analysis.eta_seconds("queued", 3, None, [], 2, 100.0) is None
-    assert analysis.eta_seconds("queued", 3, None, [10.0, 20.0], 2, 100.0) == 45.0  # 2 rounds of 15 s + its own
-    assert analysis.eta_seconds("parsing", None, 95.0, [10.0], 2, 100.0) == 5.0
-    assert analysis.eta_seconds("finished", None, 95.0, [10.0], 2, 100.0) is None
+    assert analysis.eta_seconds(JobStatus.QUEUED, 3, None, [], 2, 100.0) is None
+    assert analysis.eta_seconds(JobStatus.QUEUED, 3, None, [10.0, 20.0], 2, 100.0) == 45.0  # 2 rounds + its own
+    assert analysis.eta_seconds(JobStatus.PARSING, None, 95.0, [10.0], 2, 100.0) == 5.0
+    assert analysis.eta_seconds(JobStatus.FINISHED, None, 95.0, [10.0], 2, 100.0) is None
 
 
 @pytest.mark.parametrize("repo", ["octocat/Hello-World", "a/b", "my-org/repo.name_2", "A1/x.y-z"])

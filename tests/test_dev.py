@@ -17,7 +17,8 @@ from typing import Iterator
 import pytest
 import requests
 
-from potpie_service.jobs import JobStore
+from potpie_service.core.job import Job
+from potpie_service.store.jobs import JobStore
 from tests.stack import ARTIFACTS, ROOT, RedisServer, free_port, wait_for
 
 README = (ROOT / "README.md").read_text()
@@ -74,7 +75,7 @@ def foreign_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     store = JobStore(server.client(), "potpie-analysis", 5, 3600, 3600)
     for i in range(3):
-        store.submit(f"old{i}", "dev", {"id": f"old{i}", "status": "queued", "repo": "someone/else", "branch": "main"})
+        store.submit(Job(f"old{i}", owner="dev", repo="someone/else"))
     yield server
     server.cleanup()
 

@@ -23,7 +23,7 @@ import requests
 from tests.stack import ARTIFACTS, ROOT, RedisServer, Service, free_port, service_env, start_api, start_worker, wait_for
 
 # Lines not written through logging: `python -m potpie_service api` prints where it listens, and gunicorn's master
-# logs in its own text format unless its logger class is potpie_service.logs.GunicornLogger (see the last test).
+# logs in its own text format unless its logger class is potpie_service.api.server.GunicornLogger (see the last test).
 SIM_KEY = "sk-simulator"
 
 
@@ -152,7 +152,8 @@ def test_gunicorn_own_lines_are_json_with_the_gunicorn_logger_class(redis_server
     with open(log_path, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "4", "-b", f"127.0.0.1:{port}",
-             "-k", "potpie_service.api.server.JsonErrorWorker", "--logger-class", "potpie_service.logs.GunicornLogger",
+             "-k", "potpie_service.api.server.JsonErrorWorker",
+             "--logger-class", "potpie_service.api.server.GunicornLogger",
              "potpie_service.wsgi:app"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:

@@ -16,8 +16,12 @@ from redis.retry import Retry
 from prometheus_client.parser import text_string_to_metric_families
 
 from potpie_service.config import Settings
-from potpie_service.jobs import JobStore
-from potpie_service.metrics import KNOWN_CLASSES, ClusterCollector, MetricsRecorder, failure_class
+from potpie_service.api.metrics import ClusterCollector
+from potpie_service.core.job import Change, Job
+from potpie_service.core.metrics import KNOWN_CLASSES, failure_class
+from potpie_service.core.model import JobStatus
+from potpie_service.store.jobs import JobStore
+from potpie_service.store.metrics import MetricsRecorder
 from tests.conftest import Stack, make_stack
 from tests.stack import RedisServer, Service, free_port, service_env, start_api, wait_for
 
@@ -208,7 +212,7 @@ def test_metrics_answer_without_redis(simulator) -> None:
 
 def test_recorder_adds_up_potpie_calls_and_writes_them_in_one_round_trip(redis_server: RedisServer) -> None:
     client = redis_server.client()
-    recorder = MetricsRecorder(client, f"psvc:unit-{uuid.uuid4().hex[:6]}:")
+    recorder = MetricsRecorder(client, f"psvc:unit-{uuid.uuid4().hex[:6]}:metrics")
     for _ in range(3):
         recorder.upstream("message", "200", 0.2)
     recorder.upstream("message", "timeout", 1.0)
@@ -224,15 +228,15 @@ def test_recorder_adds_up_potpie_calls_and_writes_them_in_one_round_trip(redis_s
 def test_recorder_histograms_are_cumulative_and_exact(redis_server: RedisServer) -> None:
     client = redis_server.client()
     store = JobStore(client, f"unit-{uuid.uuid4().hex[:6]}", 3, 60, 60)
-    recorder = MetricsRecorder(client, store.prefix)
+    recorder = store.recorder()
     for seconds in (0.02, 0.05, 0.3, 100.0):  # 0.05 sits on a bound: le means "less than or equal"
         recorder.upstream("parse", "200", seconds)
     recorder.upstream("parse", "timeout", 3.0)
     now = time.time()
-    recorder.observe("transition", {"status": "retrying", "previous_status": "parsing", "previous_since": now - 2})
-    recorder.observe("ended", {"status": "failed", "previous_status": "retrying", "previous_since": now - 1,
-                               "created_ts": now - 10, "failed_reason": "Potpie server error (500) (gave up after "
-                                                                         "4 attempts)"})
+    recorder.observe(Change(False, Job("j", status=JobStatus.RETRYING), JobStatus.PARSING, now - 2))
+    failed = Job("j", status=JobStatus.FAILED, created_ts=now - 10,
+                 failed_reason="Potpie server error (500) (gave up after 4 attempts)")
+    recorder.observe(Change(True, failed, JobStatus.RETRYING, now - 1))
     recorder.flush()  # what the recorder's thread does every second
     collector = ClusterCollector(store, Settings(max_concurrent_jobs=3))
     samples = parse(_exposition(collector))
@@ -254,9 +258,10 @@ def test_recorder_histograms_are_cumulative_and_exact(redis_server: RedisServer)
 
 def test_recorder_never_raises_when_redis_is_down() -> None:
     dead = redis.Redis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
-    recorder = MetricsRecorder(dead, "psvc:dead:")
+    recorder = MetricsRecorder(dead, "psvc:dead:metrics")
     recorder.upstream("parse", "200", 0.1)
-    recorder.observe("ended", {"status": "finished", "created_ts": str(time.time())})
+    recorder.observe(Change(True, Job("j", status=JobStatus.FINISHED, created_ts=time.time()), JobStatus.READY, 0))
+    recorder.flush()
 
 
 @pytest.mark.parametrize("reason, expected", [

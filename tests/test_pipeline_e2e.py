@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from potpie_service.metrics import MetricsRecorder
+from potpie_service.store.metrics import MetricsRecorder
 from tests.conftest import Stack, make_stack
 from tests.stack import Emissions, wait_for
 

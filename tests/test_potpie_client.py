@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from potpie_service.potpie import (PermanentPotpieError, PotpieClient, Response, TransientPotpieError, check,
+from potpie_service.potpie.client import (PermanentPotpieError, PotpieClient, Response, TransientPotpieError, check,
                                    parse_stream)
 from tests.conftest import SIM_KEY
 from tests.stack import free_port

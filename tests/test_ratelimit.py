@@ -11,9 +11,10 @@ import uuid
 import pytest
 import redis
 
-from potpie_service.api.ratelimit import RateLimiter
+from potpie_service.store.keys import Keys
+from potpie_service.store.ratelimit import RateLimiter
 from potpie_service.config import Settings, parse_rate_limits
-from potpie_service.connections import make_redis
+from potpie_service.store.connections import make_redis
 from tests.stack import free_port
 
 
@@ -41,7 +42,7 @@ def test_settings_parse_rate_limit_once(raw: str, amounts: list[int]) -> None:
 
 
 def limiter(client: redis.Redis, raw: str) -> RateLimiter:
-    return RateLimiter(client, f"psvc:q-rl-{uuid.uuid4().hex[:8]}:ratelimit", parse_rate_limits(raw))
+    return RateLimiter(client, Keys(f"q-rl-{uuid.uuid4().hex[:8]}"), parse_rate_limits(raw))
 
 
 def test_every_limit_counts_and_the_binding_one_is_reported(redis_server) -> None:
@@ -68,7 +69,7 @@ def test_a_window_opens_with_the_first_request(redis_server) -> None:
     verdicts = [limits.hit("ip:203.0.113.9") for _ in range(3)]
     assert [v.allowed for v in verdicts] == [True, True, False]
     assert all(abs(v.reset_at - (before + 60)) < 1.0 for v in verdicts)
-    keys = client.keys(limits.prefix + ":*")
+    keys = client.keys(limits.keys.prefix + "ratelimit:*")
     assert len(keys) == 1 and 59_000 < client.pttl(keys[0]) <= 60_000
 
 

@@ -11,7 +11,9 @@ import requests
 import socketio
 
 from potpie_service.auth import hash_key
-from potpie_service.events import replay
+from potpie_service.core.events import replay
+from potpie_service.core.job import Job
+from potpie_service.core.model import JobStatus
 from tests.conftest import Stack, make_stack
 from tests.stack import Follower, Service, start_api, wait_for
 
@@ -291,8 +293,8 @@ def test_cors_origins_allows_the_listed_origin(auth_api: Service, followers: Fol
 
 
 def test_replay_of_a_retrying_job_carries_the_retry_details() -> None:
-    job = {"id": "a" * 32, "status": "retrying", "progress": "30", "event_seq": "7", "attempts": "3",
-           "max_attempts": "6", "last_error": "Potpie server error (500)", "next_due": str(time.time() + 2)}
+    job = Job("a" * 32, status=JobStatus.RETRYING, progress=30, event_seq=7, attempts=3, max_attempts=6,
+              last_error="Potpie server error (500)", next_due=time.time() + 2)
     [(name, payload)] = replay(job, None)
     assert (name, payload["seq"], payload["attempt"], payload["max_attempts"]) == ("status_update", 7, 2, 6)
     assert payload["error"] == "Potpie server error (500)" and 1.5 < payload["retry_in"] <= 2

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from potpie_service.simulator import STATUSES, Simulator, SimulatorConfig  # noqa: E402
+from potpie_service.potpie.simulator import STATUSES, Simulator, SimulatorConfig  # noqa: E402
 
 KEY = "sk-test-key"
 HEADERS = {"X-API-Key": KEY}
@@ -511,7 +511,7 @@ def test_message_seconds_streams_a_reply_over_that_time_and_counts_it_in_flight(
 
 def test_cli_serves_prints_banner_accepts_env_key_and_exits_cleanly_on_ctrl_c() -> None:
     env = {**os.environ, "SIMULATOR_API_KEY": "sk-cli-key", "POTPIE_API_KEY": "sk-potpie-env", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "potpie_service.simulator", "--port", "0", "--parse-seconds", "0"]
+    command = [sys.executable, "-m", "potpie_service.potpie.simulator", "--port", "0", "--parse-seconds", "0"]
     process = subprocess.Popen(command,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:

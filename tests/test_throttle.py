@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 import redis
 
-from potpie_service.throttle import RateLimitTimeout, TokenBucket
+from potpie_service.store.throttle import RateLimitTimeout, TokenBucket
 from tests.conftest import Stack, make_stack
 
 

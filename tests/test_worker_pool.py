@@ -14,7 +14,7 @@ import requests
 
 from potpie_service.config import Settings
 from potpie_service.queue import make_celery
-from potpie_service.simulator import Simulator, SimulatorConfig
+from potpie_service.potpie.simulator import Simulator, SimulatorConfig
 from tests.conftest import SIM_KEY, Stack, make_stack, simulator_stats
 from tests.stack import start_worker, wait_for
 from workers.boot import green_command
@@ -108,9 +108,11 @@ def test_a_reply_that_never_ends_is_bounded_by_request_timeout(endless_agent) ->
 
 
 def _log_time(stack: Stack, job_id: str, message: str) -> float:
-    lines = [line for line in stack.log_lines() if line.get("job_id") == job_id and line["message"] == message]
-    assert lines, f"no worker line {message!r}"
-    return datetime.fromisoformat(lines[0]["timestamp"]).timestamp()
+    """When the worker logged `message` for the job (waiting up to 2 s for the line to be written)."""
+    lines = wait_for(lambda: [line for line in stack.log_lines()
+                              if line.get("job_id") == job_id and line["message"] == message], 2,
+                     what=f"the worker line {message!r}")
+    return datetime.fromisoformat(lines[0]["timestamp"]).timestamp()  # type: ignore[index]
 
 
 def test_cancelling_a_job_aborts_its_agent_reply_in_flight(endless_agent, emissions) -> None:

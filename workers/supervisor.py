@@ -7,6 +7,7 @@ a wedged one, since each step is bounded by the task time limit, so the supervis
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -22,9 +23,10 @@ from potpie_service import green
 from potpie_service.positions import announce
 from potpie_service.queue import HEARTBEAT, dispatcher
 from potpie_service.recovery import sweep
-from potpie_service.runtime import make_store
+from potpie_service.config import Settings
+from potpie_service.store import make_store
 
-from . import app, settings
+from .app import app, current_settings
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
@@ -34,12 +36,12 @@ _shutdown_started = threading.Event()
 RECONNECT_WINDOW = 30.0
 
 
-def stall_limit() -> float:
+def stall_limit(settings: Settings) -> float:
     """How long without consuming its own heartbeat (while not busy) before a worker calls itself wedged."""
     return max(10.0, 6 * settings.worker_heartbeat_interval)
 
 
-def shutdown_grace() -> float:
+def shutdown_grace(settings: Settings) -> float:
     """How long a warm shutdown lets running steps finish before it cancels them and hands them back."""
     return min(30.0, settings.request_timeout + 5)
 
@@ -47,8 +49,9 @@ def shutdown_grace() -> float:
 class Supervisor:
     """Heartbeats, sweeps and watches the worker's own consumption, once per WORKER_HEARTBEAT_INTERVAL."""
 
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any, settings: Settings) -> None:
         self.consumer = consumer
+        self.settings = settings
         self.hostname: str = consumer.hostname
         self.queue = worker_direct(self.hostname).name
         self.store = make_store(settings)
@@ -58,7 +61,7 @@ class Supervisor:
     def busy(self) -> bool:
         """Whether every pool process runs a task still within its time limit (so the heartbeat must wait)."""
         processes = getattr(self.consumer.pool, "num_processes", 0) or 1
-        horizon = time.time() - settings.task_time_limit - 30  # older than this, a "running" task is a wedge
+        horizon = time.time() - self.settings.task_time_limit - 30  # older than this, a "running" task is a wedge
         try:
             running = [r for r in tuple(worker_state.active_requests) if (r.time_start or time.time()) > horizon]
         except RuntimeError:  # the main thread changed the set meanwhile; judge again next tick
@@ -71,22 +74,22 @@ class Supervisor:
         try:
             if self.busy():
                 self.store.worker_seen(self.hostname, now)
-            elif not self.store.redis.llen(self.queue):  # at most one heartbeat waits in the queue
+            elif not self.store.queue_length(self.queue):  # at most one heartbeat waits in the queue
                 app.send_task(HEARTBEAT, args=[self.hostname], queue=self.queue)
-            if self.store.try_lock("sweeper", settings.worker_heartbeat_interval * 0.9):
-                sweep(self.store, self.dispatch, settings.step_grace)
-                announce(self.store, settings)
+            if self.store.try_lock("sweeper", self.settings.worker_heartbeat_interval * 0.9):
+                sweep(self.store, self.dispatch, self.settings.step_grace)
+                announce(self.store, self.settings)
             seen = self.store.worker_last_seen(self.hostname) or 0.0
         except Exception as exc:  # the broker is away: the stall clock restarts once it is back
             log.warning("supervisor tick failed (%s: %s); retrying", type(exc).__name__, exc)
             self.proof = now + RECONNECT_WINDOW
             return False
         self.proof = max(self.proof, seen)
-        return now - self.proof > stall_limit()
+        return now - self.proof > stall_limit(self.settings)
 
     def run(self) -> None:
         """Tick until the worker shuts down; ask it to exit if it stops consuming."""
-        while not _stop.wait(settings.worker_heartbeat_interval):
+        while not _stop.wait(self.settings.worker_heartbeat_interval):
             if self.tick():
                 log.critical("worker stopped consuming its heartbeat for %.0f s while idle; exiting so it is "
                              "restarted", time.time() - self.proof)
@@ -105,8 +108,13 @@ class GreenWaits:
     at most 50 slots) free for new jobs, webhooks and the heartbeat. A shutdown wakes them to hand back."""
 
     def __init__(self) -> None:
-        self.limit = settings.worker_concurrency - max(1, min(50, settings.worker_concurrency // 20))
         self.stop_callbacks: list[Any] = []
+
+    @functools.cached_property
+    def limit(self) -> int:
+        """Runs that may wait at once: the pool less its reserve."""
+        slots = current_settings().worker_concurrency
+        return slots - max(1, min(50, slots // 20))
 
     def allowed(self) -> bool:
         return green.active() and not stopping() and len(worker_state.active_requests) < self.limit
@@ -147,7 +155,7 @@ def _stop_consuming(consumer: Any) -> None:
     """Stop taking steps at once. Celery's own green consumer loop notices the shutdown only after its current
     2 s wait for messages, and would start what arrives meanwhile."""
     try:
-        consumer.cancel_task_queue(settings.queue_name)
+        consumer.cancel_task_queue(current_settings().queue_name)
     except Exception as exc:  # the broker may be away; the task's own check still hands a late step back
         log.warning("could not stop consuming at once (%s)", type(exc).__name__)
 
@@ -185,7 +193,7 @@ _consumer: list[Any] = []  # the worker's consumer, once ready
 @worker_ready.connect
 def _start(sender: Any, **_: object) -> None:
     _consumer.append(sender)
-    threading.Thread(target=Supervisor(sender).run, name="psvc-supervisor", daemon=True).start()
+    threading.Thread(target=Supervisor(sender, current_settings()).run, name="psvc-supervisor", daemon=True).start()
 
 
 @worker_shutting_down.connect
@@ -193,7 +201,7 @@ def _shutdown(how: str = "Warm", **_: object) -> None:
     _stop.set()
     if how == "Warm" and not _shutdown_started.is_set():
         _shutdown_started.set()
-        grace = shutdown_grace()
+        grace = shutdown_grace(current_settings())
         log.info("warm shutdown: no new steps; running ones get %.0f s to finish", grace)
         if green.active() and _consumer:
             _in_background(_stop_consuming, _consumer[0])

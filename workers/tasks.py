@@ -10,7 +10,7 @@ from celery.exceptions import Reject
 from potpie_service.queue import DELIVER_WEBHOOK, HEARTBEAT, RUN_STEP
 from potpie_service.runtime import WorkerRuntime, make_worker_runtime
 
-from . import app, settings
+from .app import app, current_settings
 from .supervisor import WAITS, stopping
 
 _runtime: tuple[int, WorkerRuntime] | None = None
@@ -20,7 +20,7 @@ def runtime() -> WorkerRuntime:
     """This process's runtime, built after the pool forked (connections are not shared across fork)."""
     global _runtime
     if _runtime is None or _runtime[0] != os.getpid():
-        _runtime = (os.getpid(), make_worker_runtime(settings, app, waits=WAITS))
+        _runtime = (os.getpid(), make_worker_runtime(current_settings(), app, waits=WAITS))
     return _runtime[1]
 
 

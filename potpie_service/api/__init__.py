@@ -6,8 +6,7 @@ import logging
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 import socketio as python_socketio
@@ -18,58 +17,22 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ..auth import Authenticator, missing_keys_problem
 from ..config import Settings
-from ..connections import redis_options, tls_problem
-from ..events import channel
-from ..metrics import instrument
-from ..potpie import PotpieClient
+from ..core.errors import ServiceError, Unavailable
+from ..core.submission import MAX_BODY_BYTES
+from ..potpie.client import PotpieClient
 from ..queue import dispatcher, make_celery
-from ..runtime import make_store
+from ..service import JobService
+from ..store import make_store
+from ..store.connections import redis_options, tls_problem
 from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
-from .errors import ApiError, ServiceUnavailable, error_response
+from .context import EXTENSION, ApiContext, ConnectionCount, presented_key
+from .errors import ApiError, error_response
+from .headers import SecurityHeaders
+from .metrics import instrument
 from .ratelimit import init_rate_limits
-from .validation import MAX_BODY_BYTES
-
-if TYPE_CHECKING:
-    from ..service import JobService
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ApiContext:
-    """What the views and socket handlers use, stored in `app.extensions["potpie"]`."""
-
-    settings: Settings
-    service: "JobService"
-    auth: Authenticator
-    sockets: sockets.ConnectionCount
-    socketio: SocketIO
-
-
-SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
-                    ("Referrer-Policy", "no-referrer"),
-                    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
-                    ("Cross-Origin-Resource-Policy", "same-origin"))
-
-
-class _SecurityHeaders:
-    """WSGI layer over everything, engine.io included (its `/socket.io/` answers never pass through Flask's
-    after_request): adds the headers a response lacks, so a view may set its own (the board's CSP)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            present = {name.lower() for name, _ in headers}
-            headers.extend((name, value) for name, value in SECURITY_HEADERS if name.lower() not in present)
-            secure = environ.get("wsgi.url_scheme") == "https" or environ.get("HTTP_X_FORWARDED_PROTO") == "https"
-            if secure and "strict-transport-security" not in present:
-                headers.append(("Strict-Transport-Security", "max-age=31536000; includeSubDomains"))
-            return start_response(status, headers, exc_info)
-
-        return self.app(environ, start)
 
 
 def _socket_origins(configured: tuple[str, ...]) -> Any:
@@ -110,14 +73,14 @@ def _install_hooks(app: Flask, settings: Settings) -> None:
             response.headers["Vary"] = "Origin"
         return response
 
-    @app.errorhandler(ApiError)
-    def api_error(error: ApiError) -> Any:
+    @app.errorhandler(ServiceError)
+    def service_error(error: ServiceError) -> Any:  # a domain refusal or the HTTP layer's own, with its status
         return error_response(error)
 
     @app.errorhandler(redis.RedisError)
     def redis_error(error: redis.RedisError) -> Any:  # any Redis failure a view did not name itself is a 503
         log.error("Redis unavailable: %s", type(error).__name__, extra={"request_id": g.get("request_id")})
-        return error_response(ServiceUnavailable("Redis connection failed"))
+        return error_response(Unavailable("Redis connection failed"))
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Any:
@@ -148,8 +111,6 @@ def preflight(settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API app; the Socket.IO server is `app.extensions["socketio"]`."""
-    from ..service import JobService  # here, not at the top: service imports api.errors (a cycle otherwise)
-
     settings = settings or Settings.from_env()
     app = Flask("potpie_service")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES * 4  # hard stop; /analyze checks 16 KiB itself
@@ -160,21 +121,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout, attempts=1)
     service = JobService(settings, store, dispatcher(celery, settings), TokenCipher(settings.token_encryption_key),
                          potpie)
-    manager = python_socketio.RedisManager(settings.redis_url, channel=channel(settings),
+    manager = python_socketio.RedisManager(settings.redis_url, channel=store.channel,
                                            redis_options=redis_options(settings, socket_timeout=None))
     cors: Any = _socket_origins(settings.cors_origins)
     socketio = SocketIO(app, async_mode=settings.socketio_async_mode, client_manager=manager,
                         cors_allowed_origins=cors, ping_interval=20, ping_timeout=20, logger=False,
                         engineio_logger=False)
-    count = sockets.ConnectionCount()
-    app.extensions["potpie"] = ApiContext(settings, service, auth, count, socketio)
+    count = ConnectionCount()
+    app.extensions[EXTENSION] = ApiContext(settings, service, auth, count, socketio)
     app.register_blueprint(routes.bp)
     sockets.register(socketio, service, auth, count)
     app.register_blueprint(jobs_routes.bp)
     _install_hooks(app, settings)
     instrument(app, settings, store, count)  # /metrics data, request latency, access log
-    init_rate_limits(app, settings, auth, routes.presented_key, store.redis)
-    app.wsgi_app = _SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]
+    init_rate_limits(app, settings, auth, presented_key, store)
+    app.wsgi_app = SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]
     if settings.trusted_proxies:  # client IP and scheme from X-Forwarded-* set by that many proxies in front
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]
                                 x_proto=settings.trusted_proxies)

@@ -1,4 +1,5 @@
-"""API errors: one small hierarchy and one JSON shape, `{success:false, error, details}`."""
+"""API errors: the domain's refusals (core/errors.py) and the HTTP layer's own, each with its status, in one JSON
+shape: `{success:false, error, details}`."""
 
 from __future__ import annotations
 
@@ -6,38 +7,19 @@ from typing import Any
 
 from flask import Response, jsonify
 
+from ..core.errors import Conflict, NotFound, ServiceError, Unavailable, ValidationError
 
-class ApiError(Exception):
-    """An error answered as JSON with an HTTP status."""
+
+class ApiError(ServiceError):
+    """A refusal of the HTTP layer itself, with its status."""
 
     status = 400
-
-    def __init__(self, error: str, **details: Any) -> None:
-        super().__init__(error)
-        self.error = error
-        self.details = details
-
-
-class ValidationError(ApiError):
-    """A request field is missing or wrong (400)."""
 
 
 class Unauthorized(ApiError):
     """No valid API key (401)."""
 
     status = 401
-
-
-class NotFound(ApiError):
-    """Unknown job, or another owner's (404)."""
-
-    status = 404
-
-
-class Conflict(ApiError):
-    """The request conflicts with the job's state or an earlier request (409)."""
-
-    status = 409
 
 
 class PayloadTooLarge(ApiError):
@@ -58,20 +40,24 @@ class TooManyRequests(ApiError):
     status = 429
 
 
-class ServiceUnavailable(ApiError):
-    """Redis (or the queue) cannot be reached (503)."""
-
-    status = 503
+DOMAIN_STATUS = {ValidationError: 400, NotFound: 404, Conflict: 409, Unavailable: 503}
 
 
-def error_body(error: ApiError) -> dict[str, Any]:
+def status_of(error: ServiceError) -> int:
+    """The HTTP status an error answers with."""
+    if isinstance(error, ApiError):
+        return error.status
+    return next((status for kind, status in DOMAIN_STATUS.items() if isinstance(error, kind)), 400)
+
+
+def error_body(error: ServiceError) -> dict[str, Any]:
     """The JSON body every error answer has."""
     return {"success": False, "error": error.error, "details": error.details}
 
 
-def error_response(error: ApiError) -> tuple[Response, int]:
-    """The JSON response for an ApiError."""
+def error_response(error: ServiceError) -> tuple[Response, int]:
+    """The JSON response for an error."""
     response = jsonify(error_body(error))
     if isinstance(error, Unauthorized):
         response.headers["WWW-Authenticate"] = 'Bearer realm="potpie-service"'
-    return response, error.status
+    return response, status_of(error)

@@ -10,8 +10,8 @@ import copy
 from typing import Any
 
 from .. import SERVICE_NAME, __version__
-from ..model import JobStatus
-from .validation import (BRANCH_PATTERN, CALLBACK_URL_PATTERN, LIST_STATUSES, MAX_BODY_BYTES, MAX_QUESTION,
+from ..core.model import JobStatus
+from ..core.submission import (BRANCH_PATTERN, CALLBACK_URL_PATTERN, LIST_STATUSES, MAX_BODY_BYTES, MAX_QUESTION,
                          QUESTION_PATTERN, REPO_PATTERN, TOKEN_PATTERN)
 
 Schema = dict[str, Any]

@@ -1,18 +1,21 @@
-"""The API's gunicorn worker: gthread, except that what gunicorn rejects itself (a request line or headers too
-long, a malformed request, an unknown transfer coding) gets the API's JSON error and security headers instead of
-gunicorn's HTML page."""
+"""gunicorn pieces of the API: its worker (gthread, except that what gunicorn rejects itself — a request line or
+headers too long, a malformed request, an unknown transfer coding — gets the API's JSON error and security headers
+instead of gunicorn's HTML page) and its logger (gunicorn's own lines in the service's format)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from gunicorn import util
+from gunicorn.glogging import Logger as GunicornBaseLogger
 from gunicorn.http.errors import InvalidHeader, UnsupportedTransferCoding
 from gunicorn.workers.gthread import ThreadWorker
 
-from . import SECURITY_HEADERS
+from ..bootstrap import load_settings
 from .errors import ApiError, error_body
+from .headers import SECURITY_HEADERS
 
 _FIELDS = {414: "request line", 431: "headers"}
 _TRANSFER_CODING = "Transfer-Encoding: unsupported transfer coding"
@@ -48,3 +51,15 @@ class JsonErrorWorker(ThreadWorker):
         if isinstance(exc, UnsupportedTransferCoding):
             exc = _UnknownTransferCoding()
         super().handle_error(req, client, addr, exc)
+
+
+class GunicornLogger(GunicornBaseLogger):
+    """Gunicorn's own lines (start, workers, signals) in the service's format: `--logger-class` / `logger_class`."""
+
+    def setup(self, cfg) -> None:  # noqa: ANN001 (gunicorn's Config)
+        super().setup(cfg)
+        if not logging.getLogger().handlers:  # the gunicorn CLI's master has not loaded the app: read settings now
+            load_settings("api")
+        for logger in (self.error_log, self.access_log):
+            logger.handlers[:] = list(logging.getLogger().handlers)
+        self.error_log.setLevel(max(self.error_log.level, logging.getLogger().level))  # LOG_LEVEL holds here too

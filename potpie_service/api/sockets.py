@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import logging
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import request
 from flask_socketio import SocketIO, join_room, leave_room
 
 from ..auth import Authenticator
-from ..events import JOIN_PROJECT, LEAVE_PROJECT, replay, room
-from .errors import ApiError
-from .validation import check_job_id
-
-if TYPE_CHECKING:
-    from ..service import JobService
+from ..core.errors import ServiceError
+from ..core.events import JOIN_PROJECT, LEAVE_PROJECT, replay, room
+from ..core.submission import check_job_id
+from ..service import JobService
+from .context import ConnectionCount
 
 log = logging.getLogger(__name__)
-
-
-class ConnectionCount:
-    """Open Socket.IO connections of this process (feeds /health and metrics)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.value = 0
-
-    def add(self, delta: int) -> None:
-        """Count a connection opened (+1) or closed (-1)."""
-        with self._lock:
-            self.value += delta
 
 
 def _project_id(data: Any) -> Any:
@@ -74,16 +59,16 @@ def register(socketio: SocketIO, service: JobService, auth: Authenticator, count
         if job_id is None:
             return {"ok": False, "error": "invalid project_id: expected the job id returned by POST /analyze"}
         try:
-            record = service.job(owners.get(request.sid, ""), job_id)
+            service.job(owners.get(request.sid, ""), job_id)
             join_room(room(job_id))  # join before reading: an event in between arrives twice, never zero times
-            record = service.job(owners.get(request.sid, ""), job_id)
-            position = service.queue_position(record)
-            events = replay(record, position, service.eta(record, position))
-        except ApiError as exc:
+            job = service.job(owners.get(request.sid, ""), job_id)
+            position = service.queue_position(job)
+            events = replay(job, position, service.eta(job, position))
+        except ServiceError as exc:
             return {"ok": False, "error": exc.error, "project_id": job_id}
         for name, payload in events:  # for this socket only, which is on this process: no Redis round trip
             socketio.emit(name, payload, to=request.sid, ignore_queue=True)
-        return {"ok": True, "project_id": job_id, "status": record["status"], "seq": events[-1][1]["seq"]}
+        return {"ok": True, "project_id": job_id, "status": job.status.value, "seq": events[-1][1]["seq"]}
 
     @socketio.on(LEAVE_PROJECT)
     def leave_project(data: Any = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import requests
 
-from potpie_service.simulator import Simulator, SimulatorConfig
+from potpie_service.potpie.simulator import Simulator, SimulatorConfig
 from tests.conftest import SIM_KEY, Stack, make_stack
 from tests.stack import ROOT, RedisServer, wait_for
 

@@ -1,16 +1,14 @@
-"""The analysis core: which step comes next, what Potpie's answers mean, and the result built from them.
-
-Plain code on plain dicts: no Flask, Celery or Redis here.
-"""
+"""The analysis core: which step comes next, what Potpie's answers mean, and the result built from them."""
 
 from __future__ import annotations
 
 import json
 import re
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
-from .model import JobStatus
+from .job import Job
+from .model import PARSE_ERROR, PARSE_PROGRESS, PARSE_READY, JobStatus, Stage
 
 DEFAULT_QUESTION = "Explain the repository architecture."
 
@@ -21,20 +19,6 @@ STRUCTURED_PROMPT = (
     '"tags": [string], "description": string}], "risks_and_gaps": [string]}. Pick the snippets that '
     "matter most for the question: "
 )
-
-# Progress follows Potpie's parse statuses; any status not listed is "still working".
-PARSE_PROGRESS = {"submitted": 15, "created": 15, "cloned": 30, "parsed": 45, "processing": 50,
-                  "inferring": 55, "ready": 60}
-PROGRESS = {
-    JobStatus.QUEUED: 0,
-    JobStatus.PARSING: 10,
-    JobStatus.READY: 65,
-    "conversation": 70,
-    "answered": 85,
-    JobStatus.FINISHED: 100,
-}
-PARSE_READY = "ready"
-PARSE_ERROR = "error"
 
 
 class Step(str, Enum):
@@ -48,17 +32,17 @@ class Step(str, Enum):
     FINISH = "finish"
 
 
-def next_step(job: Mapping[str, str]) -> Step:
+def next_step(job: Job) -> Step:
     """The step to run next: a resumed job continues after its last finished step."""
-    if not job.get("potpie_project_id"):
+    if not job.potpie_project_id:
         return Step.SUBMIT_PARSE
-    if job.get("parse_status") != PARSE_READY:
+    if job.parse_status != PARSE_READY:
         return Step.POLL_PARSE
-    if not job.get("conversation_id"):
+    if not job.conversation_id:
         return Step.CREATE_CONVERSATION
-    if "answer" not in job:
+    if job.answer is None:
         return Step.ASK_QUESTION
-    if "analysis_text" not in job:
+    if job.analysis_text is None:
         return Step.ASK_STRUCTURED
     return Step.FINISH
 
@@ -75,15 +59,16 @@ def parse_state(status: str) -> JobStatus:
 
 def parse_progress(status: str, current: int) -> int:
     """Progress for a Potpie parse status; never moves backwards."""
-    return max(current, PARSE_PROGRESS.get(status, current + 1 if current < 58 else current))
+    creep = current + 1 if current < Stage.PARSE_DONE - 2 else current
+    return max(current, PARSE_PROGRESS.get(status, creep))
 
 
-def question_of(job: Mapping[str, str]) -> str:
+def question_of(job: Job) -> str:
     """The user's question, or the default one."""
-    return job.get("question") or DEFAULT_QUESTION
+    return job.question or DEFAULT_QUESTION
 
 
-def structured_prompt(job: Mapping[str, str]) -> str:
+def structured_prompt(job: Job) -> str:
     """The second message: ask for the structured JSON analysis."""
     return STRUCTURED_PROMPT + question_of(job)
 
@@ -133,9 +118,9 @@ def _snippet(raw: Any) -> dict[str, Any] | None:
     }
 
 
-def build_result(job: Mapping[str, str], finished_at: str, processing_time_ms: int) -> dict[str, Any]:
+def build_result(job: Job, finished_at: str, processing_time_ms: int) -> dict[str, Any]:
     """The finished analysis, as sent in `analysis_complete.data` and `/status` `result`."""
-    analysis_text = job.get("analysis_text", "")
+    analysis_text = job.analysis_text or ""
     parsed = extract_json(analysis_text)
     raw_snippets = parsed.get("snippets") if parsed else None
     snippets = [s for s in map(_snippet, raw_snippets if isinstance(raw_snippets, list) else []) if s]
@@ -146,34 +131,34 @@ def build_result(job: Mapping[str, str], finished_at: str, processing_time_ms: i
     else:
         analysis = {k: v for k, v in parsed.items() if k != "snippets"}
     return {
-        "project_id": job["id"],
-        "potpie_project_id": job.get("potpie_project_id"),
-        "repo": job["repo"],
-        "branch": job["branch"],
+        "project_id": job.id,
+        "potpie_project_id": job.potpie_project_id or None,
+        "repo": job.repo,
+        "branch": job.branch,
         "question": question_of(job),
-        "parsing_status": job.get("parse_status"),
-        "answer": job.get("answer", ""),
-        "citations": json.loads(job.get("citations") or "[]"),
+        "parsing_status": job.parse_status or None,
+        "answer": job.answer or "",
+        "citations": job.citations,
         "snippets": snippets,
         "snippets_count": len(snippets),
         "analysis_response": analysis,
         "metadata": {
-            "parsed_at": job.get("parsed_at"),
+            "parsed_at": job.parsed_at or None,
             "finished_at": finished_at,
             "processing_time_ms": processing_time_ms,
-            "attempts": int(job.get("attempts") or 1),
-            "has_github_token": job.get("has_github_token") == "1",
-            "job_id": job["id"],
+            "attempts": job.attempts or 1,
+            "has_github_token": job.has_github_token,
+            "job_id": job.id,
         },
     }
 
 
-def eta_seconds(status: str, position: int | None, admitted_at: float | None, durations: list[float],
+def eta_seconds(status: JobStatus, position: int | None, admitted_at: float | None, durations: list[float],
                 slots: int, now: float) -> float | None:
     """Seconds until a job should finish, from recent run times; None when unknown or ended."""
-    if not durations or status in ("finished", "failed", "cancelled"):
+    if not durations or status.terminal:
         return None
     mean = sum(durations) / len(durations)
-    if status == "queued" and position:
+    if status is JobStatus.QUEUED and position:
         return round(-(-position // slots) * mean + mean, 1)
     return round(max(1.0, mean - (now - (admitted_at or now))), 1)

@@ -14,7 +14,7 @@ import time
 
 import redis
 
-from .config import Settings
+from ..config import Settings
 from .jobs import JobStore
 
 log = logging.getLogger(__name__)

@@ -7,19 +7,26 @@ import os
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, ReadTimeoutError
 
-from . import green
-from .throttle import RateLimitTimeout
+from .. import green
 
 AGENT_ID = "codebase_qna_agent"
 MAX_INLINE_RETRY_AFTER = 30.0  # a longer Retry-After is handed to the job-level retry instead
 
 Observer = Callable[[str, str, float], None]  # (endpoint, outcome, seconds)
+
+
+class Limiter(Protocol):
+    """A rate limit shared by every worker (the store's TokenBucket): `acquire` raises TimeoutError."""
+
+    def acquire(self, max_wait: float) -> float: ...
+
+    def pause(self, seconds: float) -> None: ...
 
 
 class PotpieError(Exception):
@@ -170,14 +177,14 @@ class PotpieClient:
     hundreds of calls a second."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float, attempts: int = 3,
-                 observer: Observer | None = None, stream: bool = True, limiter: Any = None,
+                 observer: Observer | None = None, stream: bool = True, limiter: Limiter | None = None,
                  connections: int = 32) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.attempts = attempts
         self.stream = stream
         self.observer = observer
-        self.limiter = limiter  # a shared TokenBucket (POTPIE_RATE_LIMIT), or None
+        self.limiter = limiter  # POTPIE_RATE_LIMIT's bucket, or None
         # one kept-alive connection per call in flight: a green worker makes WORKER_CONCURRENCY calls at once
         self.http = _pool(self.base_url, connections)
         self.headers = {"X-API-Key": api_key, "Accept": "application/json"}
@@ -206,7 +213,7 @@ class PotpieClient:
         if self.limiter is not None:
             try:
                 self.limiter.acquire(max_wait=self.timeout)
-            except RateLimitTimeout as exc:
+            except TimeoutError as exc:  # the shared bucket (store/throttle.py) had no slot in time
                 raise TransientPotpieError(str(exc)) from None
         started = time.perf_counter()
         outcome = "error"

@@ -1,4 +1,5 @@
-"""Strict validation of request bodies: type, length and charset of every field; unknown fields refused."""
+"""What a submission is, and the rules it must meet: type, length and charset of every field, unknown fields
+refused (the API checks bodies with these; the OpenAPI document publishes the same patterns)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ValidationError
+from .model import JobStatus
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_QUESTION = 4000
@@ -32,7 +34,7 @@ CALLBACK_URL_PATTERN = (r"https?://[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9]
 _CALLBACK_URL = re.compile(CALLBACK_URL_PATTERN)
 FIELDS = ("repo", "branch", "question", "github_token", "callback_url")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
-LIST_STATUSES = ("finished", "failed", "cancelled")
+LIST_STATUSES = tuple(status.value for status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED))
 
 
 @dataclass(frozen=True)
@@ -114,11 +116,12 @@ def idempotency_key(value: str | None) -> str | None:
     return value
 
 
-def page_query(args: Any) -> tuple[str | None, int, int]:
+def page_query(args: Any) -> tuple[JobStatus | None, int, int]:
     """(status, page, per_page) from `GET /jobs` query arguments."""
-    status = args.get("status") or None
-    if status is not None and status not in LIST_STATUSES:
+    raw_status = args.get("status") or None
+    if raw_status is not None and raw_status not in LIST_STATUSES:
         raise ValidationError(f"status must be one of {', '.join(LIST_STATUSES)}", field="status")
+    status = JobStatus(raw_status) if raw_status else None
     numbers = {}
     for name, default, high in (("page", 1, 10_000), ("per_page", 20, 100)):
         raw = args.get(name, str(default))

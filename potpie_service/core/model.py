@@ -1,4 +1,4 @@
-"""Job statuses, their allowed transitions, progress ranges and the texts users see."""
+"""Job statuses, their allowed transitions, the progress each stage stands for and the texts users see."""
 
 from __future__ import annotations
 
@@ -56,3 +56,23 @@ MESSAGES = {
 def can_move(current: JobStatus, new: JobStatus) -> bool:
     """Whether a job in `current` may move to `new`."""
     return new in TRANSITIONS[current]
+
+
+class Stage(int, Enum):
+    """Progress (0-100) at each point of a job's life; it never goes back."""
+
+    QUEUED = 0
+    PARSING = 10
+    PARSE_DONE = 60  # the most Potpie's parse statuses reach (PARSE_PROGRESS)
+    READY = 65
+    CONVERSATION = 70
+    ANSWERED = 85
+    ANALYSED = 95
+    FINISHED = 100
+
+
+# Progress while Potpie parses, by its status (any status not listed creeps up, short of PARSE_DONE).
+PARSE_PROGRESS = {"submitted": 15, "created": 15, "cloned": 30, "parsed": 45, "processing": 50,
+                  "inferring": 55, "ready": int(Stage.PARSE_DONE)}
+PARSE_READY = "ready"
+PARSE_ERROR = "error"

@@ -1,0 +1,164 @@
+"""/metrics of an API process: the cluster-wide families read from Redis at scrape time, plus this process's
+own (HTTP latency by route, Socket.IO connections); and the per-request timing and access log."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any, Iterable, Iterator
+
+import redis
+from flask import Flask, Response, g, request
+from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.process_collector import ProcessCollector
+
+from .. import logs
+from ..config import Settings
+from ..core.metrics import FAMILIES, HTTP_BUCKETS, KNOWN_CLASSES
+from ..store.jobs import JobStore
+
+log = logging.getLogger(__name__)
+
+
+def _families(raw: dict[str, str]) -> Iterator[Metric]:
+    """Turn the flat Redis hash into counter and histogram families (buckets made cumulative)."""
+    series: dict[str, dict[tuple[str, ...], dict[str, float]]] = {name: {} for name in FAMILIES}
+    for field, value in raw.items():
+        name, _, rest = field.partition("|")
+        if name not in FAMILIES:
+            continue
+        labels, _, part = rest.partition("|")
+        key = tuple(labels.split(",")) if FAMILIES[name].labels else ()
+        series[name].setdefault(key, {})[part] = float(value)
+    for cls in KNOWN_CLASSES:  # every class from the first scrape, so rate() and alerts work at once
+        series["potpie_jobs_failed_total"].setdefault((cls,), {"": 0.0})
+    for name, family in FAMILIES.items():
+        if family.kind == "counter":
+            counter = CounterMetricFamily(name, family.help, labels=family.labels)
+            for labels, parts in sorted(series[name].items()):
+                counter.add_metric(list(labels), parts.get("", 0.0))
+            if not family.labels and not series[name]:
+                counter.add_metric([], 0.0)
+            yield counter
+            continue
+        histogram = HistogramMetricFamily(name, family.help, labels=family.labels)
+        for labels, parts in sorted(series[name].items()):
+            total, buckets = 0.0, []
+            for bound in [f"{b:g}" for b in family.buckets] + ["+Inf"]:
+                total += parts.get(bound, 0.0)
+                buckets.append((bound, total))
+            histogram.add_metric(list(labels), buckets, parts.get("sum", 0.0))
+        yield histogram
+
+
+class ClusterCollector:
+    """Reads the cluster-wide metrics from Redis at scrape time: one round trip."""
+
+    def __init__(self, store: JobStore, settings: Settings) -> None:
+        self.store = store
+        self.max_concurrent = settings.max_concurrent_jobs
+        self.worker_max_age = max(30.0, 3 * settings.worker_heartbeat_interval)
+
+    def describe(self) -> list[Metric]:
+        """Nothing to check at registration (names are fixed); avoids a Redis read there."""
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        """The families, or only `potpie_metrics_redis_up 0` when Redis cannot be read."""
+        now = time.time()
+        up = GaugeMetricFamily("potpie_metrics_redis_up", "Whether this scrape could read Redis (1) or not (0).")
+        try:
+            snap = self.store.snapshot(self.worker_max_age)
+        except redis.RedisError as exc:
+            log.warning("metrics scrape: Redis unavailable (%s)", type(exc).__name__)
+            up.add_metric([], 0)
+            return [up]
+        up.add_metric([], 1)
+        waiting, active, oldest_ts = snap.waiting, snap.active, snap.oldest_created_ts
+
+        def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, text, value=value)
+
+        return [
+            up,
+            CounterMetricFamily("potpie_jobs_submitted_total", "Jobs created by POST /analyze (not duplicates).",
+                                value=float(snap.submitted)),
+            *_families(snap.fields),
+            gauge("potpie_queue_depth", "Jobs waiting for a slot (not yet admitted).", waiting),
+            gauge("potpie_queue_oldest_age_seconds", "Age of the oldest waiting job (0 when none waits).",
+                  max(0.0, now - oldest_ts) if oldest_ts else 0.0),
+            gauge("potpie_jobs_in_flight", "Jobs holding one of the MAX_CONCURRENT_JOBS slots.", active),
+            gauge("potpie_jobs_max_concurrent", "MAX_CONCURRENT_JOBS.", self.max_concurrent),
+            gauge("potpie_jobs_utilisation_ratio", "Jobs in flight / MAX_CONCURRENT_JOBS.",
+                  active / self.max_concurrent),
+            gauge("potpie_workers_alive", "Workers that consumed a heartbeat recently.", snap.workers),
+        ]
+
+
+class ApiMetrics:
+    """One API process's /metrics: cluster-wide families from Redis plus this process's own."""
+
+    def __init__(self, settings: Settings, store: JobStore, sockets: Any) -> None:
+        self.token = settings.metrics_token
+        disable_created_metrics()  # no `_created` twin for every series (process-wide; the API is its own process)
+        self.registry = CollectorRegistry()
+        self.http = Histogram("potpie_http_request_duration_seconds", "HTTP requests served by this API process, "
+                              "by method, route (URL rule) and status.", ("method", "route", "status"),
+                              buckets=HTTP_BUCKETS, registry=self.registry)
+        connections = Gauge("potpie_socketio_connections", "Socket.IO connections open on this API process.",
+                            registry=self.registry)
+        connections.set_function(lambda: sockets.value)
+        ProcessCollector(registry=self.registry)
+        self.registry.register(ClusterCollector(store, settings))
+
+    def accepts(self, presented: str | None, operator: bool) -> bool:
+        """METRICS_TOKEN set: the bearer must equal it; unset: any key allowed to read operational details."""
+        if self.token:
+            return bool(presented) and hmac.compare_digest(presented.encode(), self.token.encode())
+        return operator
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one HTTP request of this process."""
+        self.http.labels(method, route, str(status)).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+QUIET_ROUTES = frozenset({"/livez", "/metrics"})
+
+
+def instrument(app: Flask, settings: Settings, store: JobStore, sockets: Any) -> ApiMetrics:
+    """Attach the metrics to the app; time every request, log one access line for it, tag its log lines."""
+    metrics = ApiMetrics(settings, store, sockets)
+    app.extensions["metrics"] = metrics
+    access = logging.getLogger("potpie_service.access")
+
+    @app.before_request
+    def bind() -> None:
+        g.metrics_started = time.perf_counter()
+        logs.request_id.set(g.get("request_id"))
+
+    @app.after_request
+    def record(response: Response) -> Response:
+        started = g.get("started") or g.get("metrics_started") or time.perf_counter()
+        seconds = time.perf_counter() - started
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.observe_request(request.method, route, response.status_code, seconds)
+        if route in QUIET_ROUTES and response.status_code < 400:
+            return response  # probes and scrapes: measured above, not worth a log line each
+        access.info("%s %s %s %.1f ms", request.method, route, response.status_code, seconds * 1000,
+                    extra={"method": request.method, "route": route, "path": request.path,
+                           "status": response.status_code, "duration_ms": round(seconds * 1000, 2),
+                           "request_id": g.get("request_id")})
+        return response
+
+    @app.teardown_request
+    def unbind(_error: BaseException | None) -> None:
+        logs.request_id.set(None)
+
+    return metrics

@@ -1,0 +1,30 @@
+"""Domain errors: what a use case refuses, and why. The API maps each to an HTTP status (api/errors.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """A refusal with a message a person understands and details naming what caused it (e.g. `field`)."""
+
+    def __init__(self, error: str, **details: Any) -> None:
+        super().__init__(error)
+        self.error = error
+        self.details = details
+
+
+class ValidationError(ServiceError):
+    """A request field is missing or wrong."""
+
+
+class NotFound(ServiceError):
+    """No such job, or another owner's (the two look the same)."""
+
+
+class Conflict(ServiceError):
+    """The request conflicts with the job's state or with an earlier request."""
+
+
+class Unavailable(ServiceError):
+    """A dependency (Redis) cannot be reached; nothing was done."""

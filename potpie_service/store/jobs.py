@@ -1,0 +1,305 @@
+"""The job store: job records, the FIFO admission queue under MAX_CONCURRENT_JOBS, step claims — all in Redis.
+
+Each change that must be atomic is one Lua script (store/lua/), so a crash between two writes cannot leave a job
+half-moved. The keys are listed in store/keys.py; no module outside the store touches Redis or a key name.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from ..config import RateLimit
+from ..core.events import Event
+from ..core.job import Job, JobUpdate, to_hash
+from ..core.model import JobStatus
+from .broadcast import Broadcast, broadcast
+from .keys import Keys
+from .metrics import MetricsRecorder, MetricsSnapshot, read_snapshot
+from .ratelimit import RateLimiter
+from .scripts import Scripts
+from .throttle import TokenBucket
+
+
+SILENT = Broadcast()  # a change that announces nothing
+
+
+class StoreUnavailable(Exception):
+    """Redis cannot be reached."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What `JobStore.submit` did: created, or found an existing job (replayed, duplicate, conflict)."""
+
+    outcome: str
+    job_id: str
+    queue_position: int | None = None
+    admitted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dedup:
+    """What makes a submission return an existing job instead of a new one (digests; '' for none)."""
+
+    request_key: str = ""      # identical request while the first is queued or running
+    idempotency_key: str = ""  # client's Idempotency-Key
+    request_hash: str = ""     # what the Idempotency-Key was first used for
+    idempotency_ttl: int = 86400
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """An active job whose next step is late and held by nobody (the sweeper dispatches it again)."""
+
+    job_id: str
+    seq: int
+    late_s: float
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A job at the front of the line: its place, the place it was last told, what its room last heard."""
+
+    job_id: str
+    position: int
+    announced: int | None
+    message: str
+    progress: int
+
+
+class JobStore:
+    """Job records and the admission queue, shared by the API and every worker."""
+
+    def __init__(self, client: redis.Redis, queue_name: str, max_concurrent: int,
+                 ttl_completed: int, ttl_failed: int) -> None:
+        self._redis = client
+        self.keys = Keys(queue_name)
+        self.max_concurrent = max_concurrent
+        self.ttl = {JobStatus.FINISHED: ttl_completed, JobStatus.FAILED: ttl_failed,
+                    JobStatus.CANCELLED: ttl_failed}
+        self._scripts = Scripts(client)
+
+    @property
+    def channel(self) -> str:
+        """The Socket.IO channel the store publishes events on and every API process relays."""
+        return self.keys.events_channel
+
+    def broadcast(self, job_id: str, events: list[Event]) -> Broadcast:
+        """Events for the job's room, for a commit, finish or announce to publish with the seq it takes."""
+        return broadcast(self.channel, job_id, events)
+
+    # --- writes --------------------------------------------------------------------------------------------
+
+    def submit(self, job: Job, secret: str = "", secret_ttl: int = 86400, dedup: Dedup = Dedup()) -> Submitted:
+        """Store a new job at the back of the line and admit what fits; one round trip."""
+        keys = self.keys
+        reply = self._scripts.call(
+            "submit",
+            [keys.job(job.id), keys.index("waiting"), keys.index("active"), keys.index("tickets"),
+             keys.owner(job.owner), keys.secret(job.id), keys.idempotency(job.owner, dedup.idempotency_key),
+             keys.dedup(job.owner, dedup.request_key)],
+            prefix=keys.prefix, max=self.max_concurrent, now=time.time(), id=job.id, fields=job.to_hash(),
+            secret=secret, secret_ttl=secret_ttl, use_idempotency=bool(dedup.idempotency_key),
+            request_hash=dedup.request_hash, idempotency_ttl=dedup.idempotency_ttl,
+            use_dedup=bool(dedup.request_key), owner_ttl=max(self.ttl.values()))
+        if reply[0] != "created":
+            return Submitted(reply[0], reply[1])
+        return Submitted("created", reply[1], int(reply[2]) + 1, tuple(reply[3]))
+
+    def claim(self, job_id: str, seq: int, token: str, ttl_s: float) -> tuple[str, Job | None]:
+        """Take the lease on step `seq` of a job: ('ok', job) or (gone|done|stale|busy, None)."""
+        reply = self._scripts.call("claim", [self.keys.job(job_id), self.keys.lock(job_id)], seq=seq, token=token,
+                                   ttl_ms=int(ttl_s * 1000))
+        if reply[0] != "ok":
+            return reply[0], None
+        flat = reply[1]
+        return "ok", Job.from_hash(dict(zip(flat[::2], flat[1::2])))
+
+    def commit(self, job_id: str, token: str, update: JobUpdate, progress_only: bool = False,
+               keep_lease: bool = False, lease_s: float = 0, throttle_s: float = 0.25,
+               news: Broadcast = SILENT) -> int:
+        """Write a step's outcome, keeping or freeing the lease, and publish `news` when it takes an event seq
+        (a progress-only change within `throttle_s` of the last event takes none); return that seq (0: none
+        taken; -1: the lease was lost, nothing written)."""
+        return int(self._scripts.call(
+            "commit", [self.keys.job(job_id), self.keys.lock(job_id)], token=token, now=time.time(),
+            progress_only=progress_only, throttle_s=throttle_s, keep_ms=int(lease_s * 1000) if keep_lease else 0,
+            fields=to_hash(update), news=news.args()))
+
+    def mark(self, job_id: str, **update: Any) -> None:
+        """Set fields of a job outside a step commit (a note written before a Potpie call, a webhook's fate)."""
+        self._redis.hset(self.keys.job(job_id), mapping=to_hash(update))
+
+    def finish(self, job: Job, token: str, status: JobStatus, update: JobUpdate,
+               news: Broadcast = SILENT) -> tuple[int, list[str]]:
+        """End a job: write it, free its slot, set its TTL, delete its token, publish `news` (its final events:
+        seq and seq + 1); return (first event seq, the jobs admitted into the slot), a negative seq when nothing
+        was done (-1 lease lost, -2 gone, -3 already ended). `token` '' ends it without a lease (a cancel)."""
+        keys, index = self.keys, status.value
+        seq, admitted = self._scripts.call(
+            "finish",
+            [keys.job(job.id), keys.lock(job.id), keys.secret(job.id), keys.index("active"), keys.index("waiting"),
+             keys.index(index), keys.owner(job.owner, index), keys.index("durations")],
+            prefix=keys.prefix, id=job.id, token=token, now=time.time(), max=self.max_concurrent,
+            ttl=self.ttl[status], status=status.value, fields=to_hash(update), news=news.args(),
+            cancelled_channel=keys.cancelled_channel, announce_cancel=status is JobStatus.CANCELLED,
+            record_duration=status is JobStatus.FINISHED)
+        return int(seq), list(admitted)
+
+    def admit(self) -> list[str]:
+        """Admit waiting jobs into free slots; return their ids."""
+        return list(self._scripts.call("admit", [self.keys.index("waiting"), self.keys.index("active")],
+                                       prefix=self.keys.prefix, max=self.max_concurrent, now=time.time()))
+
+    def renew(self, held: dict[str, str], ttl_s: float) -> list[str]:
+        """Extend each step lease (job id -> token) by `ttl_s`, in one round trip; return the jobs whose lease
+        was no longer that token's."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, token in held.items():
+            self._scripts.call("renew", [self.keys.lock(job_id)], client=pipe, token=token, ttl_ms=int(ttl_s * 1000))
+        return [job_id for job_id, renewed in zip(held, pipe.execute()) if not renewed]
+
+    def release(self, job_id: str, token: str) -> bool:
+        """Free the step lease `token` (a run handing its job back); False when it was no longer this token's."""
+        return bool(self._scripts.call("release", [self.keys.lock(job_id)], token=token))
+
+    def announce_positions(self, moved: list[tuple[str, int, Broadcast]]) -> list[int]:
+        """Record each waiting job's new position, take an event seq for it and publish its update, in one round
+        trip; return the seqs (0 for a job no longer queued: nothing written or published)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, position, news in moved:
+            self._scripts.call("announce", [self.keys.job(job_id)], client=pipe, position=position,
+                               news=news.args())
+        return [int(seq) for seq in pipe.execute()]
+
+    def try_lock(self, name: str, ttl_s: float) -> bool:
+        """A short named lock (e.g. so one worker at a time sweeps)."""
+        return bool(self._redis.set(self.keys.named_lock(name), "1", nx=True, px=max(1, int(ttl_s * 1000))))
+
+    def worker_seen(self, hostname: str, when: float) -> None:
+        """Record that a worker consumed its heartbeat task at `when`."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.index("workers"), {hostname: when})
+        pipe.zremrangebyscore(self.keys.index("workers"), "-inf", when - 86400)
+        pipe.execute()
+
+    # --- reads ---------------------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        """A job, or None when unknown or expired."""
+        raw = self._redis.hgetall(self.keys.job(job_id))
+        return Job.from_hash(raw) if raw else None
+
+    def secret(self, job_id: str) -> str | None:
+        """The job's encrypted GitHub token, if it has one."""
+        return self._redis.get(self.keys.secret(job_id))
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1-based place in the waiting line, or None when the job is not waiting."""
+        rank = self._redis.zrank(self.keys.index("waiting"), job_id)
+        return None if rank is None else int(rank) + 1
+
+    def overdue(self, grace_s: float) -> list[Overdue]:
+        """Active jobs whose next step is overdue by `grace_s` with no lease held; the slots of vanished jobs
+        are freed on the way. Two round trips, no scan."""
+        ids = list(self._redis.zrange(self.keys.index("active"), 0, -1))
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.keys.job(job_id), ["status", "seq", "next_due"])
+            pipe.exists(self.keys.lock(job_id))
+        replies = pipe.execute()
+        now, late = time.time(), []
+        for job_id, (status, seq, next_due), leased in zip(ids, replies[::2], replies[1::2]):
+            if status is None:
+                self._redis.zrem(self.keys.index("active"), job_id)
+            elif not JobStatus(status).terminal and not leased and now >= float(next_due or 0) + grace_s:
+                late.append(Overdue(job_id, int(seq or 0), now - float(next_due or 0)))
+        return late
+
+    def front_of_line(self, limit: int) -> list[Waiting]:
+        """The first `limit` waiting jobs, in order."""
+        ids = list(self._redis.zrange(self.keys.index("waiting"), 0, limit - 1))
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.keys.job(job_id), ["announced_position", "message", "progress"])
+        return [Waiting(job_id, position, int(announced) if announced else None, message or "", int(progress or 0))
+                for position, (job_id, (announced, message, progress)) in enumerate(zip(ids, pipe.execute()), 1)]
+
+    def worker_last_seen(self, hostname: str) -> float | None:
+        """When the worker last consumed a heartbeat, or None."""
+        score = self._redis.zscore(self.keys.index("workers"), hostname)
+        return None if score is None else float(score)
+
+    def workers_alive(self, max_age: float) -> int:
+        """How many workers consumed a heartbeat within `max_age` seconds."""
+        return int(self._redis.zcount(self.keys.index("workers"), time.time() - max_age, "+inf"))
+
+    def stats(self) -> dict[str, int]:
+        """Counts by state, trimming retention indexes first; one round trip, no scans."""
+        now = time.time()
+        pipe = self._redis.pipeline(transaction=False)
+        for status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED):
+            pipe.zremrangebyscore(self.keys.index(status.value), "-inf", now - self.ttl[status])
+        for name in ("waiting", "active", "finished", "failed", "cancelled"):
+            pipe.zcard(self.keys.index(name))
+        waiting, active, completed, failed, cancelled = pipe.execute()[3:]
+        return {"waiting": waiting, "active": active, "completed": completed, "failed": failed,
+                "cancelled": cancelled, "total": waiting + active + completed + failed + cancelled}
+
+    def owner_jobs(self, owner: str, status: JobStatus | None, offset: int, limit: int) -> tuple[int, list[Job]]:
+        """(total, page) of an owner's jobs, newest first; `status` (an ended one) narrows it."""
+        index = self.keys.owner(owner, status.value if status else "")
+        ttl = self.ttl[status] if status else max(self.ttl.values())
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(index, "-inf", time.time() - ttl)
+        pipe.zcard(index)
+        pipe.zrevrange(index, offset, offset + limit - 1)
+        _, total, ids = pipe.execute()
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self.keys.job(job_id))
+        return int(total), [Job.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def recent_durations(self) -> list[float]:
+        """Durations (s) of the last finished jobs, newest first (for ETAs)."""
+        return [float(d) for d in self._redis.lrange(self.keys.index("durations"), 0, -1)]
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in a Celery queue on this Redis (the broker's list of that name)."""
+        return int(self._redis.llen(queue))
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless Redis answers."""
+        try:
+            self._redis.ping()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from None
+
+    def cancellations(self) -> redis.client.PubSub:
+        """A subscription to the ids of jobs as they are cancelled (published by `finish`)."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.keys.cancelled_channel)
+        return pubsub
+
+    # --- the other Redis-backed pieces, on this client and keyspace ----------------------------------------
+
+    def recorder(self) -> MetricsRecorder:
+        """The cluster-wide metrics writer (workers; the API for cancellations)."""
+        return MetricsRecorder(self._redis, self.keys.index("metrics"))
+
+    def snapshot(self, worker_max_age: float) -> MetricsSnapshot:
+        """Everything /metrics shows from Redis, in one round trip."""
+        return read_snapshot(self._scripts, self.keys, worker_max_age)
+
+    def potpie_bucket(self, rate: float) -> TokenBucket:
+        """The token bucket every worker shares in front of Potpie (POTPIE_RATE_LIMIT)."""
+        return TokenBucket(self._redis, self.keys.index("potpie-bucket"), rate)
+
+    def rate_limiter(self, limits: tuple[RateLimit, ...]) -> RateLimiter:
+        """The job-creation rate limiter every API process shares (RATE_LIMIT)."""
+        return RateLimiter(self._redis, self.keys, limits)
+

@@ -1,0 +1,35 @@
+-- A new job at the back of the line, then admission of what fits.
+-- KEYS: 1 job, 2 waiting, 3 active, 4 tickets, 5 owner index, 6 secret, 7 idempotency key, 8 dedup key
+-- a: prefix, max, now, id, fields, secret ('' for none), secret_ttl, use_idempotency, request_hash,
+--    idempotency_ttl, use_dedup, owner_ttl
+if a.use_idempotency then
+  local seen = redis.call('HMGET', KEYS[7], 'job_id', 'hash')
+  if seen[1] then
+    if seen[2] ~= a.request_hash then return {'conflict', seen[1]} end
+    return {'replayed', seen[1]}
+  end
+end
+if a.use_dedup then
+  local other = redis.call('GET', KEYS[8])
+  if other then
+    local status = redis.call('HGET', job_key(other), 'status')
+    if status and not TERMINAL[status] then return {'duplicate', other} end
+  end
+end
+local ticket = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], 'ticket', ticket, unpack(flat(a.fields)))
+redis.call('ZADD', KEYS[2], ticket, a.id)
+redis.call('ZADD', KEYS[5], a.now, a.id)
+retain(KEYS[5], a.now, a.owner_ttl)
+if a.secret ~= '' then redis.call('SET', KEYS[6], a.secret, 'EX', a.secret_ttl) end
+if a.use_idempotency then
+  redis.call('HSET', KEYS[7], 'job_id', a.id, 'hash', a.request_hash)
+  redis.call('EXPIRE', KEYS[7], a.idempotency_ttl)
+end
+if a.use_dedup then
+  redis.call('SET', KEYS[8], a.id)
+  redis.call('HSET', KEYS[1], 'dedup_key', KEYS[8])
+end
+local admitted = admit(KEYS[2], KEYS[3], a.max, a.now)
+local rank = redis.call('ZRANK', KEYS[2], a.id)
+return {'created', a.id, rank or -1, admitted}
