@@ -36,8 +36,10 @@ bench: install ## benchmarks; writes docs/performance.md
 	@scripts/ensure-tool.sh wrk wrk "the P1 benchmark load generator"
 	$(PY) -m bench.run
 
-lint: install ## pyflakes, pycodestyle and bugbear rules (ruff.toml)
+lint: $(STAMP) ## style (ruff.toml), types (mypy, setup.cfg) and the import layers (import-linter, setup.cfg)
 	$(PY) -m ruff check potpie_service workers tests bench scripts
+	$(PY) -m mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 constraints: ## re-resolve requirements*.txt from PyPI and pin every resulting package in constraints.txt
 	rm -rf .venv-resolve && $(PYTHON) -m venv .venv-resolve

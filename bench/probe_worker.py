@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from celery.signals import task_postrun, task_prerun
 
-from potpie_service import runtime as service_runtime
+from workers import runtime as service_runtime
 from potpie_service.queue import RUN_STEP
 from workers import app, current_settings, tasks
 

@@ -77,7 +77,7 @@ class Abortable:
         import gevent
 
         def throw() -> None:  # runs in the hub: the block may have ended meanwhile
-            if self._inside.get(key) is target:
+            if self._inside.get(key) is target is not None:
                 target.throw(error)
 
         gevent.get_hub().loop.run_callback(throw)

@@ -14,7 +14,7 @@ from celery.utils.saferepr import saferepr
 from kombu.transport import redis as kombu_redis
 
 from .config import Settings
-from .store.connections import celery_ssl_options
+from .connections import celery_ssl_options
 from .logs import mask
 
 POOL_WAIT_S = 10.0  # how long a publish or ack waits for a free broker connection

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -22,10 +22,6 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .core.events import final_events
-from .core.job import Change
-from .core.model import JobStatus
-from .store.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +36,7 @@ class UnsafeCallbackUrl(ValueError):
 
 def _addresses(host: str, port: int) -> set[str]:
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
     except socket.gaierror:
         raise UnsafeCallbackUrl(f"callback_url host {host!r} does not resolve") from None
 
@@ -142,42 +138,3 @@ def deliver(url: str, event: str, payload: dict[str, Any], secret: str, allow_pr
     if not 200 <= response.status_code < 300:
         raise requests.HTTPError(f"webhook answered {response.status_code}")
     return response.status_code
-
-
-class WebhookNotifier:
-    """Sends a job's final event to its callback_url after it ends, retrying with backoff."""
-
-    def __init__(self, store: JobStore, secret: str, allow_private: bool, max_attempts: int,
-                 schedule: Callable[[str, int, float], None]) -> None:
-        self.store = store
-        self.secret = secret
-        self.allow_private = allow_private
-        self.max_attempts = max_attempts
-        self.schedule = schedule  # (job_id, attempt, countdown): enqueue a delivery attempt
-
-    def on_event(self, change: Change) -> None:
-        """Pipeline observer: schedule the first delivery when a job with a callback finishes or fails."""
-        job = change.job
-        if change.ended and job.callback_url and job.status in (JobStatus.FINISHED, JobStatus.FAILED):
-            self.schedule(job.id, 1, 0)
-
-    def deliver(self, job_id: str, attempt: int) -> str:
-        """One delivery attempt; returns delivered, retrying, failed or gone."""
-        job = self.store.get(job_id)
-        if job is None or not job.callback_url:
-            return "gone"
-        event, payload = final_events(job, max(job.event_seq - 1, 0))[-1]
-        try:
-            deliver(job.callback_url, event, payload, self.secret, self.allow_private)
-        except (requests.RequestException, UnsafeCallbackUrl) as exc:
-            final = attempt >= self.max_attempts or isinstance(exc, UnsafeCallbackUrl)
-            self.store.mark(job_id, webhook_status="failed" if final else "retrying", webhook_attempts=attempt,
-                            webhook_error=str(exc)[:200])
-            log.warning("webhook attempt %d failed: %s", attempt, exc, extra={"job_id": job_id})
-            if final:
-                return "failed"
-            self.schedule(job_id, attempt + 1, min(60.0, 2.0 ** (attempt - 1)))  # 1, 2, 4, 8 s…
-            return "retrying"
-        self.store.mark(job_id, webhook_status="delivered", webhook_attempts=attempt)
-        log.info("webhook delivered after %d attempt(s)", attempt, extra={"job_id": job_id})
-        return "delivered"

@@ -14,7 +14,7 @@ import redis
 from potpie_service.store.keys import Keys
 from potpie_service.store.ratelimit import RateLimiter
 from potpie_service.config import Settings, parse_rate_limits
-from potpie_service.store.connections import make_redis
+from potpie_service.connections import make_redis
 from tests.stack import free_port
 
 

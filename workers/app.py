@@ -14,7 +14,7 @@ from potpie_service import logs
 from potpie_service.bootstrap import load_settings
 from potpie_service.config import Settings
 from potpie_service.queue import DELIVER_WEBHOOK, RUN_STEP, MaskedCelery, configure
-from potpie_service.store.connections import tls_problem
+from potpie_service.connections import tls_problem
 
 app = MaskedCelery("potpie_service")
 

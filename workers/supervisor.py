@@ -20,9 +20,9 @@ from celery.utils import worker_direct
 from celery.worker import state as worker_state
 
 from potpie_service import green
-from potpie_service.positions import announce
+from potpie_service.pipeline.positions import announce
 from potpie_service.queue import HEARTBEAT, dispatcher
-from potpie_service.recovery import sweep
+from potpie_service.pipeline.sweeper import sweep
 from potpie_service.config import Settings
 from potpie_service.store import make_store
 

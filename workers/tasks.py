@@ -8,7 +8,7 @@ import time
 from celery.exceptions import Reject
 
 from potpie_service.queue import DELIVER_WEBHOOK, HEARTBEAT, RUN_STEP
-from potpie_service.runtime import WorkerRuntime, make_worker_runtime
+from .runtime import WorkerRuntime, make_worker_runtime
 
 from .app import app, current_settings
 from .supervisor import WAITS, stopping

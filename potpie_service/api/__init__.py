@@ -11,6 +11,7 @@ from typing import Any
 import redis
 import socketio as python_socketio
 from flask import Flask, Response, g, request
+from flask.json.provider import DefaultJSONProvider
 from flask_socketio import SocketIO
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -23,7 +24,7 @@ from ..potpie.client import PotpieClient
 from ..queue import dispatcher, make_celery
 from ..service import JobService
 from ..store import make_store
-from ..store.connections import redis_options, tls_problem
+from ..connections import redis_options, tls_problem
 from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
 from .context import EXTENSION, ApiContext, ConnectionCount, presented_key
@@ -114,7 +115,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("potpie_service")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES * 4  # hard stop; /analyze checks 16 KiB itself
-    app.json.sort_keys = False
+    if isinstance(app.json, DefaultJSONProvider):
+        app.json.sort_keys = False  # answers keep the order the service builds them in
     auth = Authenticator(settings.api_keys, settings.ops_api_keys, settings.auth_disabled)
     store = make_store(settings)
     celery = make_celery(settings)

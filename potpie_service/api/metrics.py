@@ -30,8 +30,8 @@ def _families(raw: dict[str, str]) -> Iterator[Metric]:
         name, _, rest = field.partition("|")
         if name not in FAMILIES:
             continue
-        labels, _, part = rest.partition("|")
-        key = tuple(labels.split(",")) if FAMILIES[name].labels else ()
+        label_text, _, part = rest.partition("|")
+        key = tuple(label_text.split(",")) if FAMILIES[name].labels else ()
         series[name].setdefault(key, {})[part] = float(value)
     for cls in KNOWN_CLASSES:  # every class from the first scrape, so rate() and alerts work at once
         series["potpie_jobs_failed_total"].setdefault((cls,), {"": 0.0})
@@ -117,7 +117,7 @@ class ApiMetrics:
     def accepts(self, presented: str | None, operator: bool) -> bool:
         """METRICS_TOKEN set: the bearer must equal it; unset: any key allowed to read operational details."""
         if self.token:
-            return bool(presented) and hmac.compare_digest(presented.encode(), self.token.encode())
+            return presented is not None and hmac.compare_digest(presented.encode(), self.token.encode())
         return operator
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:

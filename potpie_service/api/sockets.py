@@ -18,6 +18,12 @@ from .context import ConnectionCount
 log = logging.getLogger(__name__)
 
 
+def _sid() -> str:
+    """The Socket.IO session of the event being handled."""
+    sid: str = request.sid  # type: ignore[attr-defined]  # Flask-SocketIO sets it on the request
+    return sid
+
+
 def _project_id(data: Any) -> Any:
     """The seed sends the id as a bare string; also accept {project_id: ...}."""
     return data.get("project_id") if isinstance(data, dict) else data
@@ -44,13 +50,13 @@ def register(socketio: SocketIO, service: JobService, auth: Authenticator, count
         if owner is None:
             log.info("socket refused: no valid API key")
             return False
-        owners[request.sid] = owner
+        owners[_sid()] = owner
         count.add(1)
         return True
 
     @socketio.on("disconnect")
     def disconnect(*_: Any) -> None:
-        if owners.pop(request.sid, None) is not None:
+        if owners.pop(_sid(), None) is not None:
             count.add(-1)
 
     @socketio.on(JOIN_PROJECT)
@@ -59,15 +65,15 @@ def register(socketio: SocketIO, service: JobService, auth: Authenticator, count
         if job_id is None:
             return {"ok": False, "error": "invalid project_id: expected the job id returned by POST /analyze"}
         try:
-            service.job(owners.get(request.sid, ""), job_id)
+            service.job(owners.get(_sid(), ""), job_id)
             join_room(room(job_id))  # join before reading: an event in between arrives twice, never zero times
-            job = service.job(owners.get(request.sid, ""), job_id)
+            job = service.job(owners.get(_sid(), ""), job_id)
             position = service.queue_position(job)
             events = replay(job, position, service.eta(job, position))
         except ServiceError as exc:
             return {"ok": False, "error": exc.error, "project_id": job_id}
         for name, payload in events:  # for this socket only, which is on this process: no Redis round trip
-            socketio.emit(name, payload, to=request.sid, ignore_queue=True)
+            socketio.emit(name, payload, to=_sid(), ignore_queue=True)
         return {"ok": True, "project_id": job_id, "status": job.status.value, "seq": events[-1][1]["seq"]}
 
     @socketio.on(LEAVE_PROJECT)

@@ -107,7 +107,8 @@ def _snippet(raw: Any) -> dict[str, Any] | None:
 
     start, end = as_int(raw.get("line_start")), as_int(raw.get("line_end"))
     file_path = str(raw["file_path"])
-    tags = raw.get("tags") if isinstance(raw.get("tags"), list) else []
+    given = raw.get("tags")
+    tags = given if isinstance(given, list) else []
     return {
         "node_id": str(raw.get("node_id") or f"{file_path}:{start}-{end}"),
         "file_path": file_path,

@@ -192,7 +192,7 @@ class Simulator:
         self._server = _Server((host, port), type("BoundHandler", (_Handler,), {"sim": self}))
         self._server.verbose = self.config.verbose
         self.port = int(self._server.server_address[1])
-        self.url = f"http://{self._server.server_address[0]}:{self.port}"
+        self.url = f"http://{self._server.server_address[0]!s}:{self.port}"
         return self._server
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -326,7 +326,9 @@ class Simulator:
     def _parse(self, raw: bytes, **_: Any) -> Reply:
         """Answer POST /parse, reusing a non-failed project for the same repo key."""
         body = validate(raw, {"repo_name": "str", "repo_path": "str", "branch_name": "str", "commit_id": "str"})
-        repo, commit, branch = body.get("repo_name"), body.get("commit_id"), body.get("branch_name") or "main"
+        repo: str = body.get("repo_name") or ""
+        commit: str | None = body.get("commit_id")
+        branch: str = body.get("branch_name") or "main"
         if not repo and not body.get("repo_path"):
             raise invalid(["body"], "Value error, Either repo_name or repo_path must be provided", "value_error")
         if body.get("repo_path") or repo.startswith(("/", "~", ".")):

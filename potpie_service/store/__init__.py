@@ -4,7 +4,7 @@ token bucket), each change an atomic Lua script (store/lua/). The only package t
 from __future__ import annotations
 
 from ..config import Settings
-from .connections import make_redis
+from ..connections import make_redis
 from .jobs import JobStore
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -132,7 +132,7 @@ class JobStore:
 
     def mark(self, job_id: str, **update: Any) -> None:
         """Set fields of a job outside a step commit (a note written before a Potpie call, a webhook's fate)."""
-        self._redis.hset(self.keys.job(job_id), mapping=to_hash(update))
+        self._redis.hset(self.keys.job(job_id), mapping=cast("dict[Any, Any]", to_hash(update)))
 
     def finish(self, job: Job, token: str, status: JobStatus, update: JobUpdate,
                news: Broadcast = SILENT) -> tuple[int, list[str]]:
@@ -191,22 +191,23 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         """A job, or None when unknown or expired."""
-        raw = self._redis.hgetall(self.keys.job(job_id))
+        raw: dict[str, str] = self._redis.hgetall(self.keys.job(job_id))  # type: ignore[assignment]  # decoded
         return Job.from_hash(raw) if raw else None
 
     def secret(self, job_id: str) -> str | None:
         """The job's encrypted GitHub token, if it has one."""
-        return self._redis.get(self.keys.secret(job_id))
+        secret: str | None = self._redis.get(self.keys.secret(job_id))  # type: ignore[assignment]  # decoded
+        return secret
 
     def queue_position(self, job_id: str) -> int | None:
         """1-based place in the waiting line, or None when the job is not waiting."""
-        rank = self._redis.zrank(self.keys.index("waiting"), job_id)
-        return None if rank is None else int(rank) + 1
+        rank: int | None = self._redis.zrank(self.keys.index("waiting"), job_id)  # type: ignore[assignment]
+        return None if rank is None else rank + 1
 
     def overdue(self, grace_s: float) -> list[Overdue]:
         """Active jobs whose next step is overdue by `grace_s` with no lease held; the slots of vanished jobs
         are freed on the way. Two round trips, no scan."""
-        ids = list(self._redis.zrange(self.keys.index("active"), 0, -1))
+        ids: list[str] = self._redis.zrange(self.keys.index("active"), 0, -1)  # type: ignore[assignment]
         pipe = self._redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hmget(self.keys.job(job_id), ["status", "seq", "next_due"])
@@ -222,7 +223,7 @@ class JobStore:
 
     def front_of_line(self, limit: int) -> list[Waiting]:
         """The first `limit` waiting jobs, in order."""
-        ids = list(self._redis.zrange(self.keys.index("waiting"), 0, limit - 1))
+        ids: list[str] = self._redis.zrange(self.keys.index("waiting"), 0, limit - 1)  # type: ignore[assignment]
         pipe = self._redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hmget(self.keys.job(job_id), ["announced_position", "message", "progress"])
@@ -281,7 +282,7 @@ class JobStore:
 
     def cancellations(self) -> redis.client.PubSub:
         """A subscription to the ids of jobs as they are cancelled (published by `finish`)."""
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub: redis.client.PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(self.keys.cancelled_channel)
         return pubsub
 

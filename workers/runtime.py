@@ -7,17 +7,17 @@ from typing import Callable
 
 from celery import Celery
 
-from . import green
-from .cancels import start_listener
-from .config import Settings
-from .core.job import Change
-from .pipeline import Pipeline, Waits
-from .potpie.client import Observer, PotpieClient
-from .queue import dispatcher, webhook_scheduler
-from .store import make_store
-from .store.jobs import JobStore
-from .tokens import TokenCipher
-from .webhooks import WebhookNotifier
+from potpie_service import green
+from potpie_service.config import Settings
+from potpie_service.core.job import Change
+from potpie_service.pipeline.callbacks import WebhookNotifier
+from potpie_service.pipeline.cancels import start_listener
+from potpie_service.pipeline.steps import Pipeline, Waits
+from potpie_service.potpie.client import Observer, PotpieClient
+from potpie_service.queue import dispatcher, webhook_scheduler
+from potpie_service.store import make_store
+from potpie_service.store.jobs import JobStore
+from potpie_service.tokens import TokenCipher
 
 
 @dataclass

@@ -12,7 +12,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..config import Settings
+from .config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import time
 
-from .pipeline import Dispatch
-from .store.jobs import JobStore
+from ..store.jobs import JobStore
+from .steps import Dispatch
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import time
 
 import redis
 
-from .green import Abortable
-from .store.jobs import JobStore
+from ..green import Abortable
+from ..store.jobs import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .config import Settings
-from .core import analysis
-from .core.events import STATUS_UPDATE, status_update
-from .core.job import Job
-from .core.model import JobStatus
-from .store.jobs import JobStore
+from ..config import Settings
+from ..core import analysis
+from ..core.events import STATUS_UPDATE, status_update
+from ..core.job import Job
+from ..core.model import JobStatus
+from ..store.jobs import JobStore
 
 
 def announce(store: JobStore, settings: Settings, limit: int = 100) -> int:

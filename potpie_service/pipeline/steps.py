@@ -16,16 +16,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from . import green
-from .config import Settings
-from .core import analysis
-from .core.analysis import Step
-from .core.events import STATUS_UPDATE, final_events, now_iso, retry_details, status_update
-from .core.job import Change, Job, JobUpdate
-from .core.model import MESSAGES, JobStatus, Stage, can_move
-from .potpie.client import PermanentPotpieError, PotpieClient, TransientPotpieError
-from .store.jobs import JobStore
-from .store.leases import LeaseKeeper, lease_ttl
+from .. import green
+from ..config import Settings
+from ..core import analysis
+from ..core.analysis import Step
+from ..core.events import STATUS_UPDATE, final_events, now_iso, retry_details, status_update
+from ..core.job import Change, Job, JobUpdate
+from ..core.model import MESSAGES, JobStatus, Stage, can_move
+from ..potpie.client import PermanentPotpieError, PotpieClient, TransientPotpieError
+from ..store.jobs import JobStore
+from ..store.leases import LeaseKeeper, lease_ttl
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,11 @@ class Pipeline:
         self.lease_s = lease_ttl(settings)
         self.leases = LeaseKeeper(store, self.lease_s)
         self.calls = green.Abortable()  # a cancelled job's Potpie call is aborted (cancels.py)
-        self.waits.on_stop(lambda: self.calls.abort_all(green.Stopping))  # hand running steps back
+        self.waits.on_stop(self._stop_running)
+
+    def _stop_running(self) -> None:
+        """The worker gives up on running steps: each run hands its step back (green.Stopping)."""
+        self.calls.abort_all(green.Stopping)
 
     def run(self, job_id: str, seq: int) -> str:
         """Run the job's steps from `seq`; return what happened to this delivery (for logs and tests)."""
