@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> Report:
                 local.session = requests.Session()
             return ours.submit(f"octocat/t{i}-{uuid.uuid4().hex[:8]}", local.session)
 
-        with ThreadPoolExecutor(8) as pool:
-            burst = list(pool.map(submit_one, range(args.jobs)))
+        with ThreadPoolExecutor(8) as submitters:
+            burst = list(submitters.map(submit_one, range(args.jobs)))
         submitted_in = time.time() - started
         wait_for(lambda: ours.ended() - ended_before >= args.jobs, 120, interval=0.05, what="the burst to end")
         timings = ours.timings(burst)

@@ -82,6 +82,17 @@ def _redis_url(raw: str) -> str:
     return value
 
 
+def _sentinels(raw: str) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port` (port 26379 when left out)."""
+    found = []
+    for part in _csv(raw):
+        host, _, port = part.partition(":") if ":" in part else (part, ":", "26379")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:  # an IPv6 literal: use a name for it
+            raise ValueError(f"expected host:port[,host:port...], got {part!r}")
+        found.append((host, int(port)))
+    return tuple(found)
+
+
 def _existing_file(raw: str) -> str:
     value = raw.strip()
     if value and not os.path.isfile(value):
@@ -157,6 +168,11 @@ class Settings:
     redis_tls_key_path: str = _env("REDIS_TLS_KEY_PATH", "", _existing_file)
     redis_tls_reject_unauthorized: bool = _env("REDIS_TLS_REJECT_UNAUTHORIZED", "true", _bool)
     redis_max_connections: int = _env("REDIS_MAX_CONNECTIONS", "200", _int(4, 10000))
+    redis_sentinels: tuple[tuple[str, int], ...] = _env("REDIS_SENTINELS", "", _sentinels)
+    redis_sentinel_master: str = _env("REDIS_SENTINEL_MASTER", "mymaster")
+    redis_sentinel_password: str = _env("REDIS_SENTINEL_PASSWORD", "", secret=True)
+    redis_min_replicas_ack: int = _env("REDIS_MIN_REPLICAS_ACK", "0", _int(0, 10))
+    redis_min_replicas_timeout_ms: int = _env("REDIS_MIN_REPLICAS_TIMEOUT_MS", "1000", _int(1, 60000))
     max_concurrent_jobs: int = _env("MAX_CONCURRENT_JOBS", "5", _int(1, 100000))
     max_retries: int = _env("MAX_RETRIES", "3", _int(0, 20))
     retry_base_delay: float = _env("RETRY_BASE_DELAY", "5", _float(0))
@@ -211,6 +227,7 @@ class Settings:
         problems = []
         if self.redis_tls_key_path and not self.redis_tls_cert_path:
             problems.append("REDIS_TLS_KEY_PATH is set but REDIS_TLS_CERT_PATH is not")
+        problems.extend(self._sentinel_checks())
         if self.broker_visibility_timeout <= self.task_time_limit:
             problems.append(f"BROKER_VISIBILITY_TIMEOUT={self.broker_visibility_timeout}: must exceed the task time "
                             f"limit ({self.task_time_limit:.0f} s, from REQUEST_TIMEOUT and POTPIE_CALL_ATTEMPTS), "
@@ -226,17 +243,31 @@ class Settings:
             problems.append("POTPIE_BASE_URL: must start with http:// or https://")
         return problems
 
+    def _sentinel_checks(self) -> list[str]:
+        if not self.redis_sentinels:
+            named = [("REDIS_SENTINEL_PASSWORD", bool(self.redis_sentinel_password)),
+                     ("REDIS_SENTINEL_MASTER", self.redis_sentinel_master != "mymaster")]
+            return [f"{name} is set but REDIS_SENTINELS is not (the sentinels to ask, host:port,host:port)"
+                    for name, set_ in named if set_]
+        if not self.redis_sentinel_master:
+            return ["REDIS_SENTINEL_MASTER: must name the master the sentinels watch (default mymaster)"]
+        if self.redis_url_raw.startswith("rediss://") and not self.redis_tls_enabled:
+            return ["REDIS_URL asks for TLS (rediss://) but REDIS_SENTINELS replaces it: set REDIS_TLS_ENABLED=true "
+                    "(with REDIS_SENTINELS the data nodes use REDIS_PASSWORD, REDIS_USERNAME, REDIS_DB, REDIS_TLS_*)"]
+        return []
+
     @property
     def redis_tls(self) -> bool:
-        """Whether Redis connections use TLS (rediss:// or REDIS_TLS_ENABLED)."""
-        if self.redis_url_raw:
+        """Whether Redis connections use TLS (rediss:// or REDIS_TLS_ENABLED; with sentinels, the latter)."""
+        if self.redis_url_raw and not self.redis_sentinels:
             return self.redis_url_raw.startswith("rediss://")
         return self.redis_tls_enabled
 
     @property
     def redis_url(self) -> str:
-        """The Redis URL: REDIS_URL when set, else built from the REDIS_* parts."""
-        if self.redis_url_raw:
+        """The Redis URL: REDIS_URL when set, else built from the REDIS_* parts (with REDIS_SENTINELS: the
+        credentials and database of the data nodes; connections.py asks the sentinels for the host)."""
+        if self.redis_url_raw and not self.redis_sentinels:
             return self.redis_url_raw
         scheme = "rediss" if self.redis_tls_enabled else "redis"
         auth = ""

@@ -1,4 +1,5 @@
-"""Redis connection options, built once from Settings for every client (store, broker, Socket.IO)."""
+"""Redis connection options, built once from Settings for every client (store, broker, Socket.IO): one Redis at
+REDIS_URL, or the master the sentinels of REDIS_SENTINELS name (each client asks them again after a failover)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import functools
 import logging
 import ssl
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from .config import Settings
 
@@ -44,9 +46,8 @@ def tls_problem(settings: Settings) -> str | None:
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             return None
-        where = urlsplit(settings.redis_url)
         reason = getattr(cause, "reason", None) or type(cause).__name__
-        return (f"TLS handshake with Redis at {where.hostname}:{where.port} failed ({reason}: {cause}); check "
+        return (f"TLS handshake with Redis ({where(settings)}) failed ({reason}: {cause}); check "
                 "REDIS_TLS_CA_PATH (the CA that signed the server certificate) and, if Redis requires client "
                 "certificates, REDIS_TLS_CERT_PATH and REDIS_TLS_KEY_PATH")
     finally:
@@ -86,14 +87,85 @@ def redis_options(settings: Settings, socket_timeout: float | None = SOCKET_TIME
     }
 
 
+class SentinelBlockingPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """The master's address from the sentinels (asked again when a connection breaks), with the blocking pool's
+    bound: callers past `max_connections` wait their turn instead of failing."""
+
+
+def where(settings: Settings) -> str:
+    """Which Redis the service uses, for start-up lines and errors (no credentials)."""
+    if settings.redis_sentinels:
+        return f"master {settings.redis_sentinel_master!r} of the sentinels at {sentinel_list(settings)}"
+    url = urlsplit(settings.redis_url)
+    return f"{url.hostname}:{url.port or 6379}"
+
+
+def sentinel_list(settings: Settings) -> str:
+    """REDIS_SENTINELS as host:port,host:port."""
+    return ",".join(f"{host}:{port}" for host, port in settings.redis_sentinels)
+
+
+def node_options(settings: Settings) -> dict[str, Any]:
+    """Credentials and database of the data nodes behind the sentinels."""
+    options: dict[str, Any] = {"db": settings.redis_db}
+    if settings.redis_username:
+        options["username"] = settings.redis_username
+    if settings.redis_password:
+        options["password"] = settings.redis_password
+    return options
+
+
+def sentinel_options(settings: Settings) -> dict[str, Any]:
+    """How to talk to the sentinels themselves: their password, short timeouts, TLS when the data nodes use it."""
+    options: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": CONNECT_TIMEOUT,
+                               **({"ssl": True, **tls_options(settings)} if settings.redis_tls else {})}
+    if settings.redis_sentinel_password:
+        options["password"] = settings.redis_sentinel_password
+    return options
+
+
 def make_redis(settings: Settings, socket_timeout: float | None = SOCKET_TIMEOUT) -> redis.Redis:
     """A Redis client for the job store and health checks: a blocking pool of REDIS_MAX_CONNECTIONS, so a thousand
     greenlets (or API threads) share a bounded set of connections, waiting their turn at most SOCKET_TIMEOUT
-    (redis-py's own pool stops at 100 and raises instead)."""
-    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, decode_responses=True,
-                                                 max_connections=settings.redis_max_connections,
-                                                 timeout=SOCKET_TIMEOUT, **redis_options(settings, socket_timeout))
+    (redis-py's own pool stops at 100 and raises instead). With sentinels, on the master they name."""
+    bound = {"max_connections": settings.redis_max_connections, "timeout": SOCKET_TIMEOUT}
+    if settings.redis_sentinels:
+        sentinel = Sentinel(list(settings.redis_sentinels), sentinel_kwargs=sentinel_options(settings))
+        return sentinel.master_for(settings.redis_sentinel_master, connection_pool_class=SentinelBlockingPool,
+                                   decode_responses=True, **bound, **node_options(settings),
+                                   **({"ssl": True} if settings.redis_tls else {}),
+                                   **redis_options(settings, socket_timeout))
+    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, decode_responses=True, **bound,
+                                                 **redis_options(settings, socket_timeout))
     return redis.Redis(connection_pool=pool)
+
+
+def broker_url(settings: Settings) -> str:
+    """Celery's broker URL: REDIS_URL, or kombu's `sentinel://` list (the master's name is a transport option)."""
+    if not settings.redis_sentinels:
+        return settings.redis_url
+    auth = ""
+    if settings.redis_password:
+        auth = f"{quote(settings.redis_username, safe='')}:{quote(settings.redis_password, safe='')}@"
+    return ";".join(f"sentinel://{auth}{host}:{port}/{settings.redis_db}" for host, port in settings.redis_sentinels)
+
+
+def broker_sentinel_options(settings: Settings) -> dict[str, Any]:
+    """kombu transport options for the sentinel transport (empty without sentinels)."""
+    if not settings.redis_sentinels:
+        return {}
+    return {"master_name": settings.redis_sentinel_master, "sentinel_kwargs": sentinel_options(settings)}
+
+
+def socketio_manager_args(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """python-socketio RedisManager's URL and `redis_options`: `redis+sentinel://` with sentinels (credentials
+    in the options, not the URL, which python-socketio does not unquote)."""
+    options = redis_options(settings, socket_timeout=None)
+    if not settings.redis_sentinels:
+        return settings.redis_url, options
+    url = f"redis+sentinel://{sentinel_list(settings)}/{settings.redis_db}/{settings.redis_sentinel_master}"
+    return url, {**options, **node_options(settings), **({"ssl": True} if settings.redis_tls else {}),
+                 "sentinel_kwargs": sentinel_options(settings)}
 
 
 def celery_ssl_options(settings: Settings) -> dict[str, Any] | None:

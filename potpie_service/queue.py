@@ -12,9 +12,10 @@ import redis
 from celery import Celery
 from celery.utils.saferepr import saferepr
 from kombu.transport import redis as kombu_redis
+from redis.sentinel import Sentinel
 
 from .config import Settings
-from .connections import celery_ssl_options
+from .connections import SentinelBlockingPool, broker_sentinel_options, broker_url, celery_ssl_options
 from .logs import mask
 
 POOL_WAIT_S = 10.0  # how long a publish or ack waits for a free broker connection
@@ -69,10 +70,38 @@ class _Channel(kombu_redis.Channel):
         yield shared[1]
 
 
+class _SentinelChannel(_Channel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel with `_Channel`'s shared client and a blocking pool on the master the sentinels
+    name (kombu's pool would raise past `max_connections`, as the plain one did)."""
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        return kombu_redis.SentinelChannel._get_pool(self, asynchronous)
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._sentinel_managed_pool(asynchronous)
+        params = self._connparams(asynchronous=False)
+        params.pop("host", None)
+        params.pop("port", None)
+        sentinels = [(url.hostname, url.port or 26379) for url in map(kombu_redis._parse_url,
+                                                                          self.connection.client.alt)]
+        manager = Sentinel(sentinels, sentinel_kwargs=getattr(self, "sentinel_kwargs", None), **params)
+        self._sentinel_manager = manager  # kombu closes its sentinel connections through this
+        master = getattr(self, "master_name", "mymaster")  # a transport option (REDIS_SENTINEL_MASTER)
+        return manager.master_for(master, connection_pool_class=SentinelBlockingPool,
+                                  timeout=POOL_WAIT_S).connection_pool
+
+
 class Transport(kombu_redis.Transport):
     """The Redis transport with `_Channel`; selected by `broker_transport` for redis:// and rediss:// alike."""
 
     Channel = _Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """The Sentinel transport with `_SentinelChannel`; selected when REDIS_SENTINELS is set."""
+
+    Channel = _SentinelChannel
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -82,8 +111,8 @@ def make_celery(settings: Settings) -> Celery:
 
 def configure(app: Celery, settings: Settings) -> Celery:
     """Every Celery setting of the service (the workers' app is configured when Celery first reads its conf)."""
-    app.conf.broker_url = settings.redis_url
-    app.conf.broker_transport = f"{__name__}:Transport"
+    app.conf.broker_url = broker_url(settings)
+    app.conf.broker_transport = f"{__name__}:{'SentinelTransport' if settings.redis_sentinels else 'Transport'}"
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -116,6 +145,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "max_connections": settings.redis_max_connections,
+            **broker_sentinel_options(settings),
         },
         broker_use_ssl=celery_ssl_options(settings),
         worker_direct=True,                 # each worker also consumes its own queue (liveness heartbeats)

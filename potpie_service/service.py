@@ -20,7 +20,7 @@ from .core.job import Change, Job, JobUpdate
 from .core.model import MESSAGES, JobStatus
 from .core.submission import AnalyzeRequest
 from .potpie.client import PotpieClient
-from .store.jobs import Dedup, JobStore
+from .store.jobs import Dedup, JobStore, NotReplicated
 from .tokens import TokenCipher
 from .webhooks import UnsafeCallbackUrl, check_url
 
@@ -66,6 +66,10 @@ class JobService:
         try:
             submitted = self.store.submit(job, sealed, int(self.settings.parse_timeout) + 86400,
                                           self._dedup(request, idempotency_key))
+        except NotReplicated as exc:
+            log.error("cannot queue the job: %s (REDIS_MIN_REPLICAS_ACK)", exc)
+            raise Unavailable(f"the job was not queued: {exc} (REDIS_MIN_REPLICAS_ACK={exc.wanted}); nothing was "
+                              "kept, try again later") from None
         except redis.RedisError as exc:
             log.error("cannot queue the job: Redis unavailable (%s)", type(exc).__name__)
             raise Unavailable("Redis connection failed: the job was not queued; try again later") from None
@@ -235,7 +239,10 @@ class JobService:
         started = time.perf_counter()
         try:
             self.store.ping()
-            checks["redis"] = {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+            checks["redis"] = {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                               **self.store.topology()}
+            if checks["redis"]["role"] != "master":  # writes would fail: REDIS_URL names a replica
+                checks["redis"]["status"] = "down"
             stats = self.store.stats()
             workers = self.store.workers_alive(self.worker_max_age)
             checks["queue"] = {"status": "up", "stats": stats}
@@ -250,6 +257,8 @@ class JobService:
                                 "base_url": self.settings.potpie_base_url}
         down = [name for name in ("redis", "workers") if checks[name]["status"] != "up"]
         degraded = down + ([] if potpie_ok else ["potpie_api"])
+        if checks["redis"].get("replicas", 0) < self.settings.redis_min_replicas_ack:  # submits answer 503
+            degraded.append("redis_replicas")
         body = {
             "status": "unhealthy" if down else ("degraded" if degraded else "ok"),
             "service": SERVICE_NAME, "version": __version__, "degraded": degraded, "checks": checks,

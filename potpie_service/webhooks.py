@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_URL_LENGTH = 2048
 SIGNATURE_HEADER = "X-Potpie-Signature"
 TIMESTAMP_HEADER = "X-Potpie-Timestamp"
+EVENT_ID_HEADER = "X-Potpie-Event-Id"
 
 
 class UnsafeCallbackUrl(ValueError):
@@ -123,14 +124,16 @@ def _session(allow_private: bool) -> requests.Session:
     return session
 
 
-def deliver(url: str, event: str, payload: dict[str, Any], secret: str, allow_private: bool,
+def deliver(url: str, event: str, payload: dict[str, Any], secret: str, allow_private: bool, event_id: str,
             timeout: float = 10.0) -> int:
-    """POST the event once; return the HTTP status, raise on a network error or a non-2xx answer."""
+    """POST the event once; return the HTTP status, raise on a network error or a non-2xx answer. `event_id`
+    (`job_id:seq`) is the same on every attempt and after a Redis failover: a receiver drops what it has seen."""
     check_url(url, allow_private)  # again at delivery: DNS may have changed since the job was submitted
-    body = json.dumps({"event": event, **payload}, separators=(",", ":")).encode()
+    body = json.dumps({"event": event, "event_id": event_id, **payload}, separators=(",", ":")).encode()
     timestamp = str(int(time.time()))
     headers = {"Content-Type": "application/json", "User-Agent": "potpie-service-webhook/1",
-               TIMESTAMP_HEADER: timestamp, "X-Potpie-Event": event, "X-Potpie-Delivery": uuid.uuid4().hex}
+               TIMESTAMP_HEADER: timestamp, "X-Potpie-Event": event, EVENT_ID_HEADER: event_id,
+               "X-Potpie-Delivery": uuid.uuid4().hex}
     if secret:
         headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
     with _session(allow_private) as session:

@@ -165,6 +165,46 @@ def test_every_bad_value_is_named_at_once_and_secrets_are_hidden() -> None:
     assert "secret@x" not in message
 
 
+def test_sentinels_win_over_redis_url_and_each_client_is_built_for_them() -> None:
+    from potpie_service.connections import broker_url, make_redis, socketio_manager_args, where
+    from potpie_service.queue import make_celery
+
+    settings = Settings.from_env({"REDIS_SENTINELS": "s1:26379,s2:26380,s3", "REDIS_URL": "redis://old:1/0",
+                                  "REDIS_PASSWORD": "p@ss", "REDIS_DB": "2", "REDIS_SENTINEL_PASSWORD": "sp"})
+    assert settings.redis_sentinels == (("s1", 26379), ("s2", 26380), ("s3", 26379))
+    assert "old" not in where(settings) and "mymaster" in where(settings)
+    assert broker_url(settings) == ("sentinel://:p%40ss@s1:26379/2;sentinel://:p%40ss@s2:26380/2;"
+                                    "sentinel://:p%40ss@s3:26379/2")
+    conf = make_celery(settings).conf
+    assert conf.broker_transport.endswith(":SentinelTransport")
+    assert conf.broker_transport_options["master_name"] == "mymaster"
+    assert conf.broker_transport_options["sentinel_kwargs"]["password"] == "sp"
+    url, options = socketio_manager_args(settings)
+    assert url == "redis+sentinel://s1:26379,s2:26380,s3:26379/2/mymaster" and "p@ss" not in url
+    assert options["password"] == "p@ss" and options["db"] == 2 and options["sentinel_kwargs"]["password"] == "sp"
+    client = make_redis(settings)
+    pool = client.connection_pool
+    assert pool.service_name == "mymaster" and pool.max_connections == settings.redis_max_connections
+    assert pool.connection_kwargs["password"] == "p@ss" and pool.connection_kwargs["db"] == 2
+    assert [s.connection_pool.connection_kwargs["password"] for s in pool.sentinel_manager.sentinels] == ["sp"] * 3
+    plain = Settings.from_env({"REDIS_URL": "redis://x:1/2"})
+    assert broker_url(plain) == "redis://x:1/2" and make_celery(plain).conf.broker_transport.endswith(":Transport")
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"REDIS_SENTINELS": "host:port"}, "REDIS_SENTINELS='host:port'"),
+    ({"REDIS_SENTINELS": "[::1]:26379"}, "REDIS_SENTINELS='[::1]:26379'"),
+    ({"REDIS_SENTINEL_PASSWORD": "x"}, "REDIS_SENTINEL_PASSWORD is set but REDIS_SENTINELS is not"),
+    ({"REDIS_SENTINEL_MASTER": "other"}, "REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not"),
+    ({"REDIS_SENTINELS": "s:1", "REDIS_URL": "rediss://x:1/0"}, "set REDIS_TLS_ENABLED=true"),
+    ({"REDIS_MIN_REPLICAS_ACK": "-1"}, "REDIS_MIN_REPLICAS_ACK"),
+])
+def test_a_bad_sentinel_combination_is_named(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert named in str(info.value) and "\n" not in str(info.value)
+
+
 def test_visibility_timeout_must_exceed_the_task_time_limit() -> None:
     with pytest.raises(ConfigError, match="BROKER_VISIBILITY_TIMEOUT"):
         Settings.from_env({"BROKER_VISIBILITY_TIMEOUT": "100", "REQUEST_TIMEOUT": "60000"})

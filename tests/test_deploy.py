@@ -22,9 +22,12 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 from yamllint import linter
 from yamllint.config import YamlLintConfig
+
+from tests.stack import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"api": ROOT / "Dockerfile.api", "worker": ROOT / "Dockerfile.worker"}
@@ -42,12 +45,13 @@ DOCUMENTED_ENV = frozenset(
     REDIS_TLS_KEY_PATH REDIS_TLS_REJECT_UNAUTHORIZED MAX_CONCURRENT_JOBS MAX_RETRIES QUEUE_NAME LOG_LEVEL LOG_FORMAT
     JOB_TTL_COMPLETED JOB_TTL_FAILED SOCKETIO_ASYNC_MODE CORS_ORIGINS API_KEYS OPS_API_KEYS AUTH_DISABLED
     TOKEN_ENCRYPTION_KEY METRICS_TOKEN FLOWER_BASIC_AUTH WORKER_POOL WORKER_CONCURRENCY BROKER_VISIBILITY_TIMEOUT
-    SIMULATOR_API_KEY
+    SIMULATOR_API_KEY REDIS_SENTINELS REDIS_SENTINEL_MASTER REDIS_SENTINEL_PASSWORD REDIS_MIN_REPLICAS_ACK
+    REDIS_MIN_REPLICAS_TIMEOUT_MS
     """.split()
 )
 SECRET_ENV = frozenset(
     "POTPIE_API_KEY REDIS_URL REDIS_PASSWORD API_KEYS OPS_API_KEYS TOKEN_ENCRYPTION_KEY METRICS_TOKEN "
-    "FLOWER_BASIC_AUTH SIMULATOR_API_KEY".split()
+    "FLOWER_BASIC_AUTH SIMULATOR_API_KEY REDIS_SENTINEL_PASSWORD".split()
 )
 
 
@@ -431,7 +435,7 @@ def test_k8s_selectors_and_references_resolve():
             ref = e["valueFrom"]["secretKeyRef"]
             assert ref["name"] == "potpie-service" and ref["optional"] is True
             assert ref["key"] == e["name"] and ref["key"] in SECRET_ENV
-        assert set(secret_keys_of(ctr)) - {"REDIS_URL"} <= secret_keys
+        assert set(secret_keys_of(ctr)) - {"REDIS_URL", "REDIS_SENTINEL_PASSWORD"} <= secret_keys
 
 
 def test_k8s_pods_are_hardened():
@@ -468,7 +472,8 @@ def test_k8s_probes_and_ports():
     flower = container(objs[("Deployment", "potpie-service-flower")])
     assert flower["args"] == ["celery", "-A", "workers", "flower", "--port=5555"]
     assert flower["ports"][0]["containerPort"] == 5555
-    assert set(secret_keys_of(flower)) == {"REDIS_URL", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH"}
+    assert set(secret_keys_of(flower)) == {"REDIS_URL", "REDIS_PASSWORD", "REDIS_SENTINEL_PASSWORD",
+                                           "FLOWER_BASIC_AUTH"}
 
 
 def test_k8s_configmap_and_secret_keys_documented():
@@ -1284,3 +1289,36 @@ def test_deploy_doc_sections():
     for heading in ("Running with docker compose", "Deploying with Helm", "Deploying with kubectl", "Probes",
                     "What was validated how (offline)"):
         assert re.search(rf"^#+\s+{re.escape(heading)}\s*$", text, re.M), heading
+
+
+def test_compose_ha_profile_runs_a_replica_and_three_sentinels_whose_config_redis_accepts(tmp_path):
+    svcs = compose()["services"]
+    sentinels = [f"sentinel-{i}" for i in (1, 2, 3)]
+    for name in ["redis-replica", *sentinels]:
+        assert svcs[name]["profiles"] == ["ha"], name
+        assert svcs[name]["image"] == svcs["redis"]["image"], name
+    assert "--replicaof redis 6379" in svcs["redis-replica"]["command"][-1]
+    assert "--masterauth" in svcs["redis"]["command"][-1], "a demoted primary must be able to follow the new one"
+    common = compose()["x-common-env"]
+    assert common["REDIS_SENTINELS"] == "${REDIS_SENTINELS:-}" and "REDIS_MIN_REPLICAS_ACK" in common
+    assert "REDIS_SENTINELS=sentinel-1:26379,sentinel-2:26379,sentinel-3:26379" in COMPOSE.read_text()
+    # The sentinel's start script writes a config that redis-server --sentinel starts with (the primary's name
+    # swapped for loopback, which resolves here).
+    script = svcs["sentinel-1"]["command"][-1].replace("$$", "$").replace("/tmp/sentinel.conf",
+                                                                          str(tmp_path / "s.conf"))
+    script = script.replace(f"exec redis-server {tmp_path / 's.conf'} --sentinel", "true")
+    subprocess.run(["sh", "-c", script], env={"REDIS_PASSWORD": "pw", "PATH": "/usr/bin:/bin"}, check=True)
+    conf = (tmp_path / "s.conf").read_text()
+    assert "sentinel monitor mymaster redis 6379 2" in conf and "sentinel auth-pass mymaster pw" in conf
+    port = free_port()
+    (tmp_path / "s.conf").write_text(conf.replace(" redis 6379", " 127.0.0.1 6379").replace("port 26379",
+                                                                                             f"port {port}"))
+    sentinel = subprocess.Popen([shutil.which("redis-server") or "redis-server", str(tmp_path / "s.conf"),
+                                 "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        masters = wait_for(lambda: redis.Redis(port=port, socket_timeout=1).sentinel_masters(), 10,
+                           what="the sentinel")
+        assert "mymaster" in masters  # type: ignore[operator]
+    finally:
+        sentinel.terminate()
+        sentinel.wait(10)

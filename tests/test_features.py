@@ -156,6 +156,10 @@ def test_webhook_is_signed_retried_and_carries_the_final_event(feat_stack: Stack
         assert not webhooks.verify(SECRET, str(int(time.time()) - 3600), body, headers["X-Potpie-Signature"])
         event = json.loads(body)
         assert event["event"] == "analysis_complete" and event["data"] == final["result"]
+        # One event id on every attempt (job_id:seq): a receiver drops a repeat, after a failover too.
+        assert {call[0]["X-Potpie-Event-Id"] for call in receiver.calls} == {f"{job['job_id']}:{event['seq']}"}
+        assert event["event_id"] == f"{job['job_id']}:{event['seq']}"
+        assert len({call[0]["X-Potpie-Delivery"] for call in receiver.calls}) == 3, "each attempt its own"
         failed = feat_stack.submit("parse-error/webhook", callback_url=receiver.url)
         feat_stack.wait_final(failed["job_id"])
         wait_for(lambda: json.loads(receiver.calls[-1][1])["job_id"] == failed["job_id"], 10,

@@ -31,12 +31,13 @@ def test_a_name_rebound_to_loopback_after_the_check_is_refused_at_connect(receiv
     url = receiver.url
     assert webhooks.check_url(url, allow_private=False) == url  # the name-based check is fooled
     with pytest.raises(webhooks.UnsafeCallbackUrl, match="when connecting"):
-        webhooks.deliver(url, "analysis_complete", {"job_id": "j1"}, "secret", allow_private=False)
+        webhooks.deliver(url, "analysis_complete", {"job_id": "j1"}, "secret", allow_private=False, event_id="j1:7")
     assert receiver.calls == []
 
 
 def test_the_same_delivery_goes_through_when_private_addresses_are_allowed(receiver, rebinding) -> None:
-    assert webhooks.deliver(receiver.url, "analysis_complete", {"job_id": "j1"}, "secret", allow_private=True) == 204
+    assert webhooks.deliver(receiver.url, "analysis_complete", {"job_id": "j1"}, "secret", allow_private=True,
+                            event_id="j1:7") == 204
     assert len(receiver.calls) == 1 and b'"job_id":"j1"' in receiver.calls[0][1]
 
 
@@ -56,7 +57,8 @@ def test_https_is_refused_before_the_tls_hello(rebinding) -> None:
     url = f"https://127.0.0.1:{listener.getsockname()[1]}/hook"
     try:
         with pytest.raises(webhooks.UnsafeCallbackUrl):
-            webhooks.deliver(url, "analysis_complete", {"job_id": "j1"}, "secret", allow_private=False)
+            webhooks.deliver(url, "analysis_complete", {"job_id": "j1"}, "secret", allow_private=False,
+                             event_id="j1:7")
         thread.join(6)
     finally:
         listener.close()
@@ -70,5 +72,6 @@ def test_proxy_settings_are_not_followed_when_private_addresses_are_refused(
     monkeypatch.setenv("NO_PROXY", "")
     target = f"http://{PUBLIC}:9/hook"
     with pytest.raises(requests.RequestException):  # direct to an address unreachable from here
-        webhooks.deliver(target, "analysis_complete", {"job_id": "j1"}, "", allow_private=False, timeout=1)
+        webhooks.deliver(target, "analysis_complete", {"job_id": "j1"}, "", allow_private=False, event_id="j1:7",
+                         timeout=1)
     assert receiver.calls == [], "the proxy (the receiver) was not used"

@@ -24,7 +24,7 @@ from ..potpie.client import PotpieClient
 from ..queue import dispatcher, make_celery
 from ..service import JobService
 from ..store import make_store
-from ..connections import redis_options, tls_problem
+from ..connections import socketio_manager_args, tls_problem
 from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
 from .context import EXTENSION, ApiContext, ConnectionCount, presented_key
@@ -123,8 +123,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout, attempts=1)
     service = JobService(settings, store, dispatcher(celery, settings), TokenCipher(settings.token_encryption_key),
                          potpie)
-    manager = python_socketio.RedisManager(settings.redis_url, channel=store.channel,
-                                           redis_options=redis_options(settings, socket_timeout=None))
+    manager_url, manager_options = socketio_manager_args(settings)
+    manager = python_socketio.RedisManager(manager_url, channel=store.channel, redis_options=manager_options)
     cors: Any = _socket_origins(settings.cors_origins)
     socketio = SocketIO(app, async_mode=settings.socketio_async_mode, client_manager=manager,
                         cors_allowed_origins=cors, ping_interval=20, ping_timeout=20, logger=False,

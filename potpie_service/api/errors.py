@@ -60,4 +60,6 @@ def error_response(error: ServiceError) -> tuple[Response, int]:
     response = jsonify(error_body(error))
     if isinstance(error, Unauthorized):
         response.headers["WWW-Authenticate"] = 'Bearer realm="potpie-service"'
+    if isinstance(error, Unavailable):  # Redis away or failing over: worth another try soon
+        response.headers["Retry-After"] = "2"
     return response, status_of(error)

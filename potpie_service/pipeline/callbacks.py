@@ -40,7 +40,7 @@ class WebhookNotifier:
             return "gone"
         event, payload = final_events(job, max(job.event_seq - 1, 0))[-1]
         try:
-            deliver(job.callback_url, event, payload, self.secret, self.allow_private)
+            deliver(job.callback_url, event, payload, self.secret, self.allow_private, f"{job.id}:{payload['seq']}")
         except (requests.RequestException, UnsafeCallbackUrl) as exc:
             final = attempt >= self.max_attempts or isinstance(exc, UnsafeCallbackUrl)
             self.store.mark(job_id, webhook_status="failed" if final else "retrying", webhook_attempts=attempt,

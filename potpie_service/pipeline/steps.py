@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import redis
+
 from .. import green
 from ..config import Settings
 from ..core import analysis
@@ -123,6 +125,10 @@ class Pipeline:
         except green.Aborted:  # the job was cancelled meanwhile: its end is written and announced already
             log.info("step stopped: the job was cancelled", extra={"job_id": job_id})
             return "cancelled"
+        except redis.RedisError as exc:  # Redis away, failing over, or short of REDIS_MIN_REPLICAS_ACK replicas
+            log.warning("step put off, the sweeper runs it again once its lease lapses: %s", exc,
+                        extra={"job_id": job_id, "seq": seq})
+            return "redis_unavailable"
         finally:
             self.leases.release(job_id)
 
@@ -181,6 +187,8 @@ class Pipeline:
             return End(JobStatus.FAILED, {"failed_reason": exc.reason})
         except TransientPotpieError as exc:
             return self._retry_or_fail(job, exc.reason, exc.retry_after)
+        except redis.RedisError:  # not an attempt: nothing may have reached Potpie (run() puts the step off)
+            raise
         except Exception as exc:  # a bug must not wedge the job: count it as a failed attempt
             log.exception("step %s crashed", step.value, extra={"job_id": job.id})
             return self._retry_or_fail(job, f"internal error in {step.value}: {type(exc).__name__}", None)
@@ -217,7 +225,7 @@ class Pipeline:
         if job.parse_requested:  # an earlier try sent the request; did it reach Potpie?
             found = self.potpie.find_project(job.repo, job.branch)
         if found is None:
-            self.store.mark(job.id, parse_requested=True)
+            self.store.mark(job.id, durable=True, parse_requested=True)  # kept across a failover
             job.parse_requested = True  # this run may go on to a retry of this step itself
             found = self.potpie.submit_parse(job.repo, job.branch, self._github_token(job))
         project_id, status = found

@@ -22,6 +22,7 @@ from .metrics import MetricsRecorder, MetricsSnapshot, read_snapshot
 from .ratelimit import RateLimiter
 from .scripts import Scripts
 from .throttle import TokenBucket
+from .topology import describe
 
 
 SILENT = Broadcast()  # a change that announces nothing
@@ -29,6 +30,24 @@ SILENT = Broadcast()  # a change that announces nothing
 
 class StoreUnavailable(Exception):
     """Redis cannot be reached."""
+
+
+class NotReplicated(redis.exceptions.ConnectionError):
+    """Fewer replicas than REDIS_MIN_REPLICAS_ACK confirmed a write within the timeout (a Redis error: callers
+    treat it as Redis being away)."""
+
+    def __init__(self, acked: int, wanted: int, timeout_ms: int) -> None:
+        super().__init__(f"{acked} of {wanted} Redis replica(s) confirmed the write within {timeout_ms} ms")
+        self.acked, self.wanted, self.timeout_ms = acked, wanted, timeout_ms
+
+
+@dataclass(frozen=True)
+class Durability:
+    """REDIS_MIN_REPLICAS_ACK: how many replicas must confirm a submit (and a parse-request mark) before it
+    counts, and for how long Redis WAITs for them."""
+
+    replicas: int = 0
+    timeout_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -75,8 +94,9 @@ class JobStore:
     """Job records and the admission queue, shared by the API and every worker."""
 
     def __init__(self, client: redis.Redis, queue_name: str, max_concurrent: int,
-                 ttl_completed: int, ttl_failed: int) -> None:
+                 ttl_completed: int, ttl_failed: int, durability: Durability = Durability()) -> None:
         self._redis = client
+        self.durability = durability
         self.keys = Keys(queue_name)
         self.max_concurrent = max_concurrent
         self.ttl = {JobStatus.FINISHED: ttl_completed, JobStatus.FAILED: ttl_failed,
@@ -95,17 +115,27 @@ class JobStore:
     # --- writes --------------------------------------------------------------------------------------------
 
     def submit(self, job: Job, secret: str = "", secret_ttl: int = 86400, dedup: Dedup = Dedup()) -> Submitted:
-        """Store a new job at the back of the line and admit what fits; one round trip."""
+        """Store a new job at the back of the line and admit what fits; one round trip. With a Durability, Redis
+        WAITs for the replicas in the same round trip; short of them the job is taken back and NotReplicated
+        raised (the admitted others it let in stay admitted; the sweeper dispatches them)."""
         keys = self.keys
-        reply = self._scripts.call(
-            "submit",
-            [keys.job(job.id), keys.index("waiting"), keys.index("active"), keys.index("tickets"),
-             keys.owner(job.owner), keys.secret(job.id), keys.idempotency(job.owner, dedup.idempotency_key),
-             keys.dedup(job.owner, dedup.request_key)],
-            prefix=keys.prefix, max=self.max_concurrent, now=time.time(), id=job.id, fields=job.to_hash(),
-            secret=secret, secret_ttl=secret_ttl, use_idempotency=bool(dedup.idempotency_key),
-            request_hash=dedup.request_hash, idempotency_ttl=dedup.idempotency_ttl,
-            use_dedup=bool(dedup.request_key), owner_ttl=max(self.ttl.values()))
+        job_keys = [keys.job(job.id), keys.index("waiting"), keys.index("active"), keys.index("tickets"),
+                    keys.owner(job.owner), keys.secret(job.id), keys.idempotency(job.owner, dedup.idempotency_key),
+                    keys.dedup(job.owner, dedup.request_key)]
+        args = dict(prefix=keys.prefix, max=self.max_concurrent, now=time.time(), id=job.id, fields=job.to_hash(),
+                    secret=secret, secret_ttl=secret_ttl, use_idempotency=bool(dedup.idempotency_key),
+                    request_hash=dedup.request_hash, idempotency_ttl=dedup.idempotency_ttl,
+                    use_dedup=bool(dedup.request_key), owner_ttl=max(self.ttl.values()))
+        if not self.durability.replicas:
+            reply = self._scripts.call("submit", job_keys, **args)
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            self._scripts.call("submit", job_keys, client=pipe, **args)
+            reply, acked = self._wait(pipe)
+            if reply[0] == "created" and acked < self.durability.replicas:
+                self._scripts.call("withdraw", [job_keys[0], *job_keys[1:3], *job_keys[4:]], prefix=keys.prefix,
+                                   max=self.max_concurrent, now=time.time(), id=job.id)
+                raise NotReplicated(acked, self.durability.replicas, self.durability.timeout_ms)
         if reply[0] != "created":
             return Submitted(reply[0], reply[1])
         return Submitted("created", reply[1], int(reply[2]) + 1, tuple(reply[3]))
@@ -130,9 +160,25 @@ class JobStore:
             progress_only=progress_only, throttle_s=throttle_s, keep_ms=int(lease_s * 1000) if keep_lease else 0,
             fields=to_hash(update), news=news.args()))
 
-    def mark(self, job_id: str, **update: Any) -> None:
-        """Set fields of a job outside a step commit (a note written before a Potpie call, a webhook's fate)."""
-        self._redis.hset(self.keys.job(job_id), mapping=cast("dict[Any, Any]", to_hash(update)))
+    def mark(self, job_id: str, durable: bool = False, **update: Any) -> None:
+        """Set fields of a job outside a step commit (a note written before a Potpie call, a webhook's fate);
+        `durable`: also WAIT for the Durability's replicas (NotReplicated short of them), so the note survives a
+        failover before the call it announces is made."""
+        mapping = cast("dict[Any, Any]", to_hash(update))
+        if not (durable and self.durability.replicas):
+            self._redis.hset(self.keys.job(job_id), mapping=mapping)
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(self.keys.job(job_id), mapping=mapping)
+        _, acked = self._wait(pipe)
+        if acked < self.durability.replicas:
+            raise NotReplicated(acked, self.durability.replicas, self.durability.timeout_ms)
+
+    def _wait(self, pipe: Any) -> tuple[Any, int]:
+        """Run a pipeline of one write, then WAIT on its connection; (the write's reply, replicas that have it)."""
+        pipe.execute_command("WAIT", self.durability.replicas, self.durability.timeout_ms)
+        reply, acked = pipe.execute()
+        return reply, int(acked)
 
     def finish(self, job: Job, token: str, status: JobStatus, update: JobUpdate,
                news: Broadcast = SILENT) -> tuple[int, list[str]]:
@@ -279,6 +325,10 @@ class JobStore:
             self._redis.ping()
         except redis.RedisError as exc:
             raise StoreUnavailable(str(exc)) from None
+
+    def topology(self) -> dict[str, Any]:
+        """The Redis node's role and replicas, and the sentinels' view of the master (see topology.py)."""
+        return describe(self._redis)
 
     def cancellations(self) -> redis.client.PubSub:
         """A subscription to the ids of jobs as they are cancelled (published by `finish`)."""

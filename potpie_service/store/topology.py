@@ -1,0 +1,39 @@
+"""Where the store's Redis stands: its replication role and replicas, and, under Sentinel, what each sentinel
+says of the master (for /health)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from redis.sentinel import SentinelConnectionPool
+
+
+def describe(client: redis.Redis) -> dict[str, Any]:
+    """The role of the node the client writes to, its connected replicas, and the sentinels' view if any."""
+    info = client.info("replication")
+    view: dict[str, Any] = {"role": info.get("role", "unknown"), "replicas": int(info.get("connected_slaves", 0))}
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        view["sentinel"] = _sentinel_view(pool)
+    return view
+
+
+def _sentinel_view(pool: SentinelConnectionPool) -> dict[str, Any]:
+    name = pool.service_name
+    seen = []
+    for sentinel in pool.sentinel_manager.sentinels:
+        options = sentinel.connection_pool.connection_kwargs
+        entry: dict[str, Any] = {"address": f"{options.get('host')}:{options.get('port')}"}
+        try:
+            state = sentinel.sentinel_master(name)
+        except redis.RedisError as exc:  # a sentinel down is part of the picture, not a failed check
+            entry.update(status="down", error=type(exc).__name__)
+        else:
+            entry.update(status="up", master=f"{state['ip']}:{state['port']}",
+                         master_down=bool(state.get("is_sdown") or state.get("is_odown")),
+                         replicas=int(state.get("num-slaves", 0)),
+                         other_sentinels=int(state.get("num-other-sentinels", 0)), quorum=int(state.get("quorum", 0)))
+        seen.append(entry)
+    address = pool.master_address
+    return {"master_name": name, "master": f"{address[0]}:{address[1]}" if address else None, "sentinels": seen}
