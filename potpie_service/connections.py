@@ -47,7 +47,7 @@ def tls_problem(settings: Settings) -> str | None:
         if cause is None:
             return None
         reason = getattr(cause, "reason", None) or type(cause).__name__
-        return (f"TLS handshake with Redis ({where(settings)}) failed ({reason}: {cause}); check "
+        return (f"TLS handshake with Redis at {where(settings)} failed ({reason}: {cause}); check "
                 "REDIS_TLS_CA_PATH (the CA that signed the server certificate) and, if Redis requires client "
                 "certificates, REDIS_TLS_CERT_PATH and REDIS_TLS_KEY_PATH")
     finally:
@@ -95,7 +95,7 @@ class SentinelBlockingPool(SentinelConnectionPool, redis.BlockingConnectionPool)
 def where(settings: Settings) -> str:
     """Which Redis the service uses, for start-up lines and errors (no credentials)."""
     if settings.redis_sentinels:
-        return f"master {settings.redis_sentinel_master!r} of the sentinels at {sentinel_list(settings)}"
+        return f"the master {settings.redis_sentinel_master!r} of the sentinels {sentinel_list(settings)}"
     url = urlsplit(settings.redis_url)
     return f"{url.hostname}:{url.port or 6379}"
 
@@ -144,9 +144,8 @@ def broker_url(settings: Settings) -> str:
     """Celery's broker URL: REDIS_URL, or kombu's `sentinel://` list (the master's name is a transport option)."""
     if not settings.redis_sentinels:
         return settings.redis_url
-    auth = ""
-    if settings.redis_password:
-        auth = f"{quote(settings.redis_username, safe='')}:{quote(settings.redis_password, safe='')}@"
+    user, password = quote(settings.redis_username, safe=""), quote(settings.redis_password, safe="")
+    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
     return ";".join(f"sentinel://{auth}{host}:{port}/{settings.redis_db}" for host, port in settings.redis_sentinels)
 
 
