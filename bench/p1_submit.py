@@ -34,7 +34,7 @@ def baseline_rate(redis_url: str, queue: str, seconds: float, bare: bool = True)
     """Jobs/s of a `send_task(RUN_STEP, [job_id, 0])` loop with no consumer (bare: a default Celery app)."""
     settings = Settings.from_env({"REDIS_URL": redis_url, "QUEUE_NAME": queue})
     if bare:
-        app = Celery("bare", broker=redis_url)
+        app = Celery("bare", broker=redis_url, broker_transport="kombu.transport.redis:Transport")  # kombu's own
 
         def dispatch(job_id: str, seq: int, _countdown: float) -> None:
             app.send_task(RUN_STEP, args=[job_id, seq], queue=queue)

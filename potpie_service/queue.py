@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import redis
 from celery import Celery
 from celery.utils.saferepr import saferepr
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from redis.sentinel import Sentinel
 
@@ -93,7 +94,7 @@ class _SentinelChannel(_Channel, kombu_redis.SentinelChannel):
 
 
 class Transport(kombu_redis.Transport):
-    """The Redis transport with `_Channel`; selected by `broker_transport` for redis:// and rediss:// alike."""
+    """The Redis transport with `_Channel`, for redis:// and rediss:// alike."""
 
     Channel = _Channel
 
@@ -104,6 +105,12 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = _SentinelChannel
 
 
+# kombu finds a broker URL's transport by its scheme in this table: ours for redis://, rediss:// and sentinel://
+# (rather than Celery's `broker_transport`, which would make the URL Flower rebuilds unrecognisable to it).
+TRANSPORT_ALIASES.update(redis=f"{__name__}:Transport", rediss=f"{__name__}:Transport",
+                         sentinel=f"{__name__}:SentinelTransport")
+
+
 def make_celery(settings: Settings) -> Celery:
     """The Celery app for the API (producer only) and the workers."""
     return configure(MaskedCelery("potpie_service"), settings)
@@ -111,8 +118,7 @@ def make_celery(settings: Settings) -> Celery:
 
 def configure(app: Celery, settings: Settings) -> Celery:
     """Every Celery setting of the service (the workers' app is configured when Celery first reads its conf)."""
-    app.conf.broker_url = broker_url(settings)
-    app.conf.broker_transport = f"{__name__}:{'SentinelTransport' if settings.redis_sentinels else 'Transport'}"
+    app.conf.broker_url = broker_url(settings)  # its scheme selects Transport or SentinelTransport (above)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -90,3 +90,12 @@ def test_flower_serves_its_own_prometheus_metrics(flower: tuple[Stack, str]) -> 
                    and sample.labels.get("type") == "task-succeeded")
 
     assert wait_for(lambda: succeeded() >= 2, 10, what="flower_events_total for potpie.run_step")
+
+
+def test_flower_broker_tab_and_queue_lengths_work_with_the_service_transport(flower: tuple[Stack, str]) -> None:
+    stack, url = flower
+    queues = requests.get(url + "/api/queues/length", auth=(USER, PASSWORD), timeout=10)
+    assert queues.status_code == 200, queues.text
+    assert stack.env["QUEUE_NAME"] in [queue["name"] for queue in queues.json()["active_queues"]]
+    page = requests.get(url + "/broker", auth=(USER, PASSWORD), timeout=10)
+    assert page.status_code == 200 and stack.env["QUEUE_NAME"] in page.text
