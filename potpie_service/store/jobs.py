@@ -116,8 +116,8 @@ class JobStore:
 
     def submit(self, job: Job, secret: str = "", secret_ttl: int = 86400, dedup: Dedup = Dedup()) -> Submitted:
         """Store a new job at the back of the line and admit what fits; one round trip. With a Durability, Redis
-        WAITs for the replicas in the same round trip; short of them the job is taken back and NotReplicated
-        raised (the admitted others it let in stay admitted; the sweeper dispatches them)."""
+        WAITs for the replicas in the same pipeline (one connection); short of them the job is taken back and
+        NotReplicated raised (the others it admitted stay admitted; the sweeper dispatches them)."""
         keys = self.keys
         job_keys = [keys.job(job.id), keys.index("waiting"), keys.index("active"), keys.index("tickets"),
                     keys.owner(job.owner), keys.secret(job.id), keys.idempotency(job.owner, dedup.idempotency_key),
