@@ -233,7 +233,10 @@ def test_queue_positions_are_fifo_and_the_cap_holds_across_workers(narrow_stack:
     client = narrow_stack.redis.client()
     prefix = narrow_stack.key("job:")
     admitted = [float(client.hget(prefix + job["job_id"], "admitted_at")) for job in jobs]
-    assert admitted == sorted(admitted), "jobs are admitted in submission order"
+    # admitted_at is the clock of the worker whose finish freed the slot, read just before its script runs: two
+    # slots freed at once by two workers may stamp FIFO admissions a fraction of a millisecond out of order.
+    assert all(later > earlier - 0.05 for earlier, later in zip(admitted, admitted[1:])), \
+        ("jobs are admitted in submission order", admitted)
     spans = [(_ts(f["details"]["processed_at"]), _ts(f["details"]["finished_at"])) for f in finals]
     for start, _ in spans:
         running = sum(1 for s, e in spans if s <= start < e)
