@@ -270,12 +270,13 @@ class Settings:
         if self.redis_url_raw and not self.redis_sentinels:
             return self.redis_url_raw
         scheme = "rediss" if self.redis_tls_enabled else "redis"
-        auth = ""
-        if self.redis_password:
-            auth = f"{quote(self.redis_username, safe='')}:{quote(self.redis_password, safe='')}@"
-        elif self.redis_username:
-            auth = f"{quote(self.redis_username, safe='')}@"
-        return f"{scheme}://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+        return f"{scheme}://{self.redis_auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def redis_auth(self) -> str:
+        """REDIS_USERNAME / REDIS_PASSWORD as the `user:password@` part of a URL (quoted; '' for none)."""
+        user, password = quote(self.redis_username, safe=""), quote(self.redis_password, safe="")
+        return f"{user}:{password}@" if password else (f"{user}@" if user else "")
 
     @property
     def step_lease(self) -> float:

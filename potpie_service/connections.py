@@ -7,7 +7,7 @@ import functools
 import logging
 import ssl
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -144,9 +144,8 @@ def broker_url(settings: Settings) -> str:
     """Celery's broker URL: REDIS_URL, or kombu's `sentinel://` list (the master's name is a transport option)."""
     if not settings.redis_sentinels:
         return settings.redis_url
-    user, password = quote(settings.redis_username, safe=""), quote(settings.redis_password, safe="")
-    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-    return ";".join(f"sentinel://{auth}{host}:{port}/{settings.redis_db}" for host, port in settings.redis_sentinels)
+    return ";".join(f"sentinel://{settings.redis_auth}{host}:{port}/{settings.redis_db}"
+                    for host, port in settings.redis_sentinels)
 
 
 def broker_sentinel_options(settings: Settings) -> dict[str, Any]:
