@@ -18,7 +18,7 @@ from .core.errors import Conflict, NotFound, Unavailable, ValidationError
 from .core.events import final_events, now_iso
 from .core.job import Change, Job, JobUpdate
 from .core.model import MESSAGES, JobStatus
-from .core.submission import AnalyzeRequest
+from .core.submission import AnalyzeRequest, StepMessage
 from .potpie.client import PotpieClient
 from .store.jobs import Dedup, JobStore, NotReplicated
 from .tokens import TokenCipher
@@ -34,10 +34,11 @@ class JobService:
     """Job operations for one owner at a time; the views call these and nothing else."""
 
     def __init__(self, settings: Settings, store: JobStore, dispatch: Dispatch, cipher: TokenCipher,
-                 potpie: PotpieClient) -> None:
+                 potpie: PotpieClient, first_step: Callable[[str], StepMessage] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.dispatch = dispatch
+        self.first_step = first_step  # a new job's first step, for the submit script to enqueue (queue.FirstSteps)
         self.cipher = cipher
         self.potpie = potpie
         self.observe: Callable[[Change], None] = store.recorder().observe
@@ -65,7 +66,8 @@ class JobService:
         sealed = self.cipher.encrypt(request.github_token) if request.github_token else ""
         try:
             submitted = self.store.submit(job, sealed, int(self.settings.parse_timeout) + 86400,
-                                          self._dedup(request, idempotency_key))
+                                          self._dedup(request, idempotency_key),
+                                          self.first_step(job.id) if self.first_step else None)
         except NotReplicated as exc:
             log.error("cannot queue the job: %s (REDIS_MIN_REPLICAS_ACK)", exc)
             raise Unavailable(f"the job was not queued: {exc} (REDIS_MIN_REPLICAS_ACK={exc.wanted}); nothing was "
@@ -81,7 +83,7 @@ class JobService:
             body = self._accepted(existing, self.queue_position(existing))
             body["deduplicated" if submitted.outcome == "duplicate" else "idempotent_replay"] = True
             return 200, body
-        for admitted in submitted.admitted:
+        for admitted in submitted.admitted:  # others let in by this submit (the job's own step went with it)
             self._dispatch_first(admitted)
         log.info("job queued for %s@%s", request.repo, request.branch, extra={"job_id": job.id})
         return 202, self._accepted(job, submitted.queue_position)

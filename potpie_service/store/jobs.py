@@ -16,6 +16,7 @@ from ..config import RateLimit
 from ..core.events import Event
 from ..core.job import Job, JobUpdate, to_hash
 from ..core.model import JobStatus
+from ..core.submission import StepMessage
 from .broadcast import Broadcast, broadcast
 from .keys import Keys
 from .metrics import MetricsRecorder, MetricsSnapshot, read_snapshot
@@ -114,27 +115,33 @@ class JobStore:
 
     # --- writes --------------------------------------------------------------------------------------------
 
-    def submit(self, job: Job, secret: str = "", secret_ttl: int = 86400, dedup: Dedup = Dedup()) -> Submitted:
-        """Store a new job at the back of the line and admit what fits; one round trip. With a Durability, Redis
-        WAITs for the replicas in the same pipeline (one connection); short of them the job is taken back and
-        NotReplicated raised (the others it admitted stay admitted; the sweeper dispatches them)."""
+    def submit(self, job: Job, secret: str = "", secret_ttl: int = 86400, dedup: Dedup = Dedup(),
+               first_step: StepMessage | None = None) -> Submitted:
+        """Store a new job at the back of the line and admit what fits; one round trip. When the job itself is
+        admitted, `first_step` goes onto the Celery queue in the same script (and is not among `admitted`, which
+        the caller dispatches). With a Durability, Redis WAITs for the replicas in the same pipeline (one
+        connection); short of them the job and its message are taken back and NotReplicated raised (the others it
+        admitted stay admitted; the sweeper dispatches them)."""
         keys = self.keys
         job_keys = [keys.job(job.id), keys.index("waiting"), keys.index("active"), keys.index("tickets"),
                     keys.owner(job.owner), keys.secret(job.id), keys.idempotency(job.owner, dedup.idempotency_key),
-                    keys.dedup(job.owner, dedup.request_key)]
+                    keys.dedup(job.owner, dedup.request_key), keys.broker_queue]
+        step = first_step or StepMessage("", "", "")
         args = dict(prefix=keys.prefix, max=self.max_concurrent, now=time.time(), id=job.id, fields=job.to_hash(),
                     secret=secret, secret_ttl=secret_ttl, use_idempotency=bool(dedup.idempotency_key),
                     request_hash=dedup.request_hash, idempotency_ttl=dedup.idempotency_ttl,
-                    use_dedup=bool(dedup.request_key), owner_ttl=max(self.ttl.values()))
+                    use_dedup=bool(dedup.request_key), owner_ttl=max(self.ttl.values()),
+                    step_event_channel=step.event_channel)
+        raw = (step.body, step.event)
         if not self.durability.replicas:
-            reply = self._scripts.call("submit", job_keys, **args)
+            reply = self._scripts.call("submit", job_keys, raw=raw, **args)
         else:
             pipe = self._redis.pipeline(transaction=False)
-            self._scripts.call("submit", job_keys, client=pipe, **args)
+            self._scripts.call("submit", job_keys, client=pipe, raw=raw, **args)
             reply, acked = self._wait(pipe)
             if reply[0] == "created" and acked < self.durability.replicas:
                 self._scripts.call("withdraw", [job_keys[0], *job_keys[1:3], *job_keys[4:]], prefix=keys.prefix,
-                                   max=self.max_concurrent, now=time.time(), id=job.id)
+                                   max=self.max_concurrent, now=time.time(), id=job.id, raw=(step.body,))
                 raise NotReplicated(acked, self.durability.replicas, self.durability.timeout_ms)
         if reply[0] != "created":
             return Submitted(reply[0], reply[1])

@@ -6,7 +6,8 @@
 `workers` zset (heartbeats), `idem:<owner>:<key>` and `dedup:<owner>:<hash>` (repeat submissions), `metrics`
 hash, `potpie-bucket` hash (the Potpie token bucket), `ratelimit:<identity>:<amount>/<seconds>` counters, `lock:<name>`
 short named locks; the pub/sub channel `cancelled` (ids of jobs as they are cancelled). Socket.IO's channel is
-`psvc-<QUEUE_NAME>` (no colon: python-socketio's own naming).
+`psvc-<QUEUE_NAME>` (no colon: python-socketio's own naming). One key is kombu's, not ours: the Celery queue's list
+`<QUEUE_NAME>`, onto which the submit script pushes a job's first step.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class Keys:
 
     def named_lock(self, name: str) -> str:
         return f"{self.prefix}lock:{name}"
+
+    @property
+    def broker_queue(self) -> str:
+        """kombu's list holding the Celery queue's messages (priority 0: the queue's own name)."""
+        return self.queue_name
 
     @property
     def cancelled_channel(self) -> str:

@@ -27,9 +27,10 @@ class Lua:
     def __init__(self, client: redis.Redis, name: str) -> None:
         self._script = client.register_script(source(name))
 
-    def __call__(self, keys: list[str], client: Any = None, **args: Any) -> Any:
-        """Run on `keys` with the named arguments (on `client`: a pipeline, to batch)."""
-        return self._script(keys=keys, args=[json.dumps(args, separators=(",", ":"))], client=client)
+    def __call__(self, keys: list[str], client: Any = None, raw: tuple[str, ...] = (), **args: Any) -> Any:
+        """Run on `keys` with the named arguments (on `client`: a pipeline, to batch); `raw` strings follow as
+        ARGV[2], ... as they are (a large JSON text is not escaped into the arguments' JSON, then decoded)."""
+        return self._script(keys=keys, args=[json.dumps(args, separators=(",", ":")), *raw], client=client)
 
 
 class Scripts:
@@ -40,6 +41,6 @@ class Scripts:
     def __init__(self, client: redis.Redis) -> None:
         self._scripts = {name: Lua(client, name) for name in self.NAMES}
 
-    def call(self, name: str, keys: list[str], client: Any = None, **args: Any) -> Any:
+    def call(self, name: str, keys: list[str], client: Any = None, raw: tuple[str, ...] = (), **args: Any) -> Any:
         """Run script `name` on `keys` with the named arguments (on `client`: a pipeline, to batch)."""
-        return self._scripts[name](keys, client=client, **args)
+        return self._scripts[name](keys, client=client, raw=raw, **args)

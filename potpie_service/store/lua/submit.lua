@@ -1,7 +1,10 @@
--- A new job at the back of the line, then admission of what fits.
--- KEYS: 1 job, 2 waiting, 3 active, 4 tickets, 5 owner index, 6 secret, 7 idempotency key, 8 dedup key
+-- A new job at the back of the line, then admission of what fits; a job admitted at once has its first step pushed
+-- onto the Celery queue here (its message built by queue.FirstSteps) and is left out of the admitted list returned.
+-- KEYS: 1 job, 2 waiting, 3 active, 4 tickets, 5 owner index, 6 secret, 7 idempotency key, 8 dedup key,
+--       9 the Celery queue (kombu's list)
 -- a: prefix, max, now, id, fields, secret ('' for none), secret_ttl, use_idempotency, request_hash,
---    idempotency_ttl, use_dedup, owner_ttl
+--    idempotency_ttl, use_dedup, owner_ttl, step_event_channel
+-- ARGV[2]: the first step's message ('' for none), ARGV[3]: its task-sent event
 if a.use_idempotency then
   local seen = redis.call('HMGET', KEYS[7], 'job_id', 'hash')
   if seen[1] then
@@ -31,5 +34,15 @@ if a.use_dedup then
   redis.call('HSET', KEYS[1], 'dedup_key', KEYS[8])
 end
 local admitted = admit(KEYS[2], KEYS[3], a.max, a.now)
+if ARGV[2] ~= '' then
+  for i, id in ipairs(admitted) do
+    if id == a.id then
+      redis.call('LPUSH', KEYS[9], ARGV[2])
+      redis.call('PUBLISH', a.step_event_channel, ARGV[3])
+      table.remove(admitted, i)
+      break
+    end
+  end
+end
 local rank = redis.call('ZRANK', KEYS[2], a.id)
 return {'created', a.id, rank or -1, admitted}

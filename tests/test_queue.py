@@ -1,0 +1,58 @@
+"""The first step the submit script enqueues (queue.FirstSteps) is the message `send_task` would have written, and
+its task-sent event the one Celery would have published: compared field by field on a real Redis."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import redis
+
+from potpie_service.config import Settings
+from potpie_service.queue import FirstSteps, dispatcher, make_celery
+
+# what differs between any two messages: fresh ids, the sender's name and clocks
+PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "hostname", "pid", "clock", "timestamp",
+               "uuid", "reply_to"}
+
+
+def _strip(value: object) -> object:
+    if isinstance(value, dict):
+        return {key: _strip(item) for key, item in value.items() if key not in PER_MESSAGE}
+    return value
+
+
+def _decoded(raw: str) -> dict:
+    message = json.loads(raw)
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    return message
+
+
+def test_first_step_message_and_event_match_what_send_task_writes(redis_server) -> None:
+    queue = f"test-queue-{uuid.uuid4().hex[:6]}"
+    settings = Settings(redis_url_raw=redis_server.url, queue_name=queue)
+    app = make_celery(settings)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    events = client.pubsub()
+    steps = FirstSteps(app, settings)
+    events.subscribe(steps.event_channel)
+    events.get_message(timeout=1)  # the subscription's confirmation
+
+    dispatcher(app, settings)("a" * 32, 0, 0)
+    theirs = _decoded(client.rpop(queue))
+    their_event = _decoded(events.get_message(timeout=2)["data"])
+    ours = steps("a" * 32)
+    mine, my_event = _decoded(ours.body), _decoded(ours.event)
+
+    assert mine["body"] == theirs["body"] == [["a" * 32, 0], {}, {"callbacks": None, "errbacks": None,
+                                                                    "chain": None, "chord": None}]
+    assert list(mine) == list(theirs)
+    assert _strip(mine) == _strip(theirs)
+    assert mine["headers"]["id"] == mine["headers"]["root_id"] == mine["properties"]["correlation_id"]
+    assert mine["headers"]["argsrepr"] == "['aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 0]"
+    assert _strip(my_event) == _strip(their_event)
+    assert my_event["body"]["uuid"] == mine["headers"]["id"] and my_event["body"]["type"] == "task-sent"
+    assert my_event["body"]["clock"] > their_event["body"]["clock"]  # the app's Lamport clock moved forward
+    assert steps("b" * 32).body != steps("b" * 32).body  # a fresh task id and delivery tag each time
+    events.close()
