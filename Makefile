@@ -34,6 +34,7 @@ dev: $(RUNTIME_STAMP) ## the whole stack in the foreground: Redis, simulator (wi
 
 bench: install ## benchmarks; writes docs/performance.md
 	@scripts/ensure-tool.sh wrk wrk "the P1 benchmark load generator"
+	test -d bench/node/node_modules/socket.io-client || npm ci --prefix bench/node --no-audit --no-fund
 	$(PY) -m bench.run
 
 lint: $(STAMP) ## style (ruff.toml), types (mypy, setup.cfg) and the import layers (import-linter, setup.cfg)

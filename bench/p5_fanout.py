@@ -1,136 +1,186 @@
-"""P5 fan-out: 1,000 Socket.IO clients on one API process, each following its own job; every client must get
-every state change (contiguous `seq` from its join to the final event, and the final event itself).
+"""P5 fan-out: 10,000 Socket.IO clients on one API process (the deployed default: gevent), 1,000 of them following
+their own job; every follower must get every state change (contiguous `seq` from its join to the final event, and
+the final event itself), and a submit at 8 clients must stay fast while they are all connected.
 
-The jobs are submitted and joined before the worker starts, so no state change can happen before its client
-listens. The API is `python -m potpie_service api` with API_THREADS above the client count (threading mode: a
-thread per WebSocket); API RSS and CPU are measured over its process tree.
+The clients are the official JavaScript socket.io-client in one Node process (bench/node/p5_clients.js, WebSocket
+transport), so the load generator costs little CPU beside the server; its CPU and memory are reported. The jobs are
+submitted and joined before the worker starts, so no state change can happen before its client listens. API RSS
+and CPU are measured over its process tree.
 """
 
 from __future__ import annotations
 
 import argparse
-import threading
+import json
+import re
+import shutil
+import subprocess
+import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import requests
-import socketio
 
-from .common import (PeakRss, RedisServer, Report, Row, Service, bench_env, cli, start_api, start_celery,
-                     start_simulator, tree_cpu_s, tree_rss_mb, wait_for)
+from .common import (ROOT, PeakRss, RedisServer, Report, Row, Service, bench_env, cli, start_api, start_celery,
+                     start_simulator, tree_cpu_s, tree_rss_mb)
+from .p1_submit import _wrk_script
 
 FINAL = ("analysis_complete", "analysis_error")
+NODE = ROOT / "bench" / "node"
+RSS_LIMIT_MB = 1536
 
 
-class Follower:
-    """One client following one job: the seqs and statuses it received live."""
+class Clients:
+    """The Node process holding the clients; reads its JSON lines."""
 
-    def __init__(self, url: str, job_id: str) -> None:
-        self.url, self.job_id = url, job_id
-        self.received: list[tuple[int, str, str]] = []  # (seq, event, status); handlers run in threads
-        self.joined_seq = -1
-        self.ended = threading.Event()
-        self.sio = socketio.Client(reconnection=False)
-        for name in ("status_update", *FINAL):
-            self.sio.on(name, self._handler(name))
+    def __init__(self, url: str, total: int, jobs: list[str], in_flight: int) -> None:
+        jobs_file = Path(tempfile.mkdtemp(prefix="psvc-p5-")) / "jobs.json"
+        jobs_file.write_text(json.dumps(jobs))
+        self.proc = subprocess.Popen(["node", str(NODE / "p5_clients.js"), url, str(total), str(jobs_file),
+                                      str(in_flight)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.last: dict[str, Any] = {}
 
-    def _handler(self, name: str):
-        def handle(payload: dict) -> None:
-            self.received.append((payload["seq"], name, payload["status"]))
-            if name in FINAL:
-                self.ended.set()
-        return handle
+    def until(self, kind: str, timeout: float) -> dict[str, Any]:
+        """Read lines until one of type `kind` (its message), or raise after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the Node clients exited (code {self.proc.poll()}) before '{kind}'")
+            message = json.loads(line)
+            self.last = message
+            if message["type"] == kind:
+                return message
+        raise TimeoutError(f"no '{kind}' from the Node clients within {timeout:.0f} s (last: {self.last})")
 
-    @property
-    def live(self) -> list[tuple[int, str, str]]:
-        """What arrived after the join (the replay of the state at join time left out)."""
-        return [item for item in self.received if item[0] > self.joined_seq]
+    def report(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("report\n")
+        self.proc.stdin.flush()
+        return self.until("report", 60)
 
-    @property
-    def statuses(self) -> set[str]:
-        return {status for _, name, status in self.live if name == "status_update"}
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
 
-    def start(self) -> None:
-        self.sio.connect(self.url, transports=["websocket"], wait_timeout=30)
-        ack = self.sio.call("join_project", self.job_id, timeout=30)
-        assert ack["ok"], ack
-        self.joined_seq = ack["seq"]
 
-    def complete(self) -> bool:
-        """Final event received and no seq missing (or repeated) between the join and it."""
-        seqs = sorted(seq for seq, _, _ in self.live)
-        finals = [seq for seq, name, _ in self.live if name in FINAL]
-        return len(finals) == 1 and seqs == list(range(self.joined_seq + 1, finals[0] + 1))
+def complete(follower: dict[str, Any]) -> bool:
+    """Final event received and no seq missing (or repeated) between the join and it."""
+    live = [event for event in follower["events"] if event[0] > follower["joined"]]
+    seqs = sorted(event[0] for event in live)
+    finals = [event[0] for event in live if event[1] in FINAL]
+    return follower["joined"] >= 0 and len(finals) == 1 and seqs == list(range(follower["joined"] + 1, finals[0] + 1))
+
+
+def submit_latency(url: str, seconds: float) -> dict[str, float]:
+    """wrk at 8 keep-alive clients posting new jobs: rate and latency percentiles (ms)."""
+    out = subprocess.run(["wrk", "-t2", "-c8", f"-d{seconds:g}s", "--latency", "-s", _wrk_script(), url + "/analyze"],
+                         capture_output=True, text=True, check=True).stdout
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    refused = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rate": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+            "p50": ms("50%"), "p99": ms("99%"), "non2xx": int(refused.group(1)) if refused else 0}
 
 
 def run(args: argparse.Namespace) -> Report:
-    """Submit, connect and join `clients` jobs; start the worker; wait for every final event."""
+    """Submit the followers' jobs; connect every client and join the followers; measure submits; run the jobs."""
+    for tool, hint in (("node", "Node.js"), ("wrk", "wrk (make bench installs it)")):
+        if not shutil.which(tool):
+            raise SystemExit(f"{hint} is needed for P5")
+    if not (NODE / "node_modules" / "socket.io-client").exists():
+        raise SystemExit("bench/node has no socket.io-client: `make bench` installs it (npm ci in bench/node)")
     report = Report("P5 fan-out")
     server = RedisServer().start()
     services: list[Service] = []
-    followers: list[Follower] = []
+    clients: Clients | None = None
     try:
         sim = start_simulator(parse_seconds=args.parse_seconds)
         services.append(sim)
-        env = bench_env(server.url, sim.url, f"bench-p5-{uuid.uuid4().hex[:6]}", MAX_CONCURRENT_JOBS=str(args.clients),
-                        POTPIE_POLL_INTERVAL="0.5", RATE_LIMIT="off", API_THREADS=str(args.clients + 100))
+        env = bench_env(server.url, sim.url, f"bench-p5-{uuid.uuid4().hex[:6]}",
+                        MAX_CONCURRENT_JOBS=str(args.followers), POTPIE_POLL_INTERVAL="0.5", RATE_LIMIT="off")
         api = start_api(env, "bench-p5-api")
         services.append(api)
+        url = api.url  # type: ignore[attr-defined]
         session = requests.Session()
-        ids = [session.post(api.url + "/analyze", json={"repo": f"octocat/f{i}-{uuid.uuid4().hex[:6]}"},
-                            timeout=30).json()["job_id"] for i in range(args.clients)]
+        ids = [session.post(url + "/analyze", json={"repo": f"octocat/f{i}-{uuid.uuid4().hex[:6]}"},
+                            timeout=30).json()["job_id"] for i in range(args.followers)]
         idle_rss = tree_rss_mb(api.proc.pid)
-        followers = [Follower(api.url, job_id) for job_id in ids]
-        connect_started = time.monotonic()
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda f: f.start(), followers))
-        connect_s = time.monotonic() - connect_started
-        connected_rss = tree_rss_mb(api.proc.pid)
         cpu_before = tree_cpu_s(api.proc.pid)
+        clients = Clients(url, args.clients, ids, args.in_flight)
+        ready = clients.until("ready", args.connect_timeout)
+        connect_cpu = tree_cpu_s(api.proc.pid) - cpu_before
+        time.sleep(2)  # let the connection burst settle
+        connected_rss = tree_rss_mb(api.proc.pid)
+        latency = submit_latency(url, args.seconds)
         with PeakRss(api.proc.pid) as peak:
+            cpu_before = tree_cpu_s(api.proc.pid)
             started = time.monotonic()
-            services.append(start_celery(env, "bench-p5-worker", pool="prefork", concurrency=args.concurrency))
-            wait_for(lambda: all(f.ended.is_set() for f in followers), args.timeout, interval=0.2,
-                     what="every client's final event")
+            services.append(start_celery(env, "bench-p5-worker"))
+            clients.until("done", args.timeout)
             fanout_s = time.monotonic() - started
             time.sleep(0.5)  # stragglers after a final event would show up as gaps or extra seqs
-        api_cpu = tree_cpu_s(api.proc.pid) - cpu_before
-        health = session.get(api.url + "/health", timeout=10).json()
+            api_cpu = tree_cpu_s(api.proc.pid) - cpu_before
+            result = clients.report()
+        health = session.get(url + "/health", timeout=10).json()
     finally:
-        for follower in followers:
-            follower.sio.disconnect()
+        if clients:
+            clients.stop()
         for service in services[::-1]:
             service.stop()
         server.cleanup()
-    complete = sum(1 for f in followers if f.complete())
-    events = sum(len(f.live) for f in followers)
-    report.rows.append(Row("P5 fan-out", f"clients with every state change, of {args.clients}", args.clients,
-                           complete, "all", complete == args.clients,
-                           f"{events} live events; all {complete == args.clients and 'complete' or 'NOT complete'}"))
+    followers = result["followers"]
+    done = sum(1 for follower in followers if complete(follower))
+    events = sum(len(follower["events"]) for follower in followers)
+    per_client_kb = (connected_rss - idle_rss) * 1024 / args.clients
+    report.rows.append(Row("P5 fan-out", f"clients connected at the end, of {args.clients}", args.clients,
+                           result["still_connected"], "all", result["still_connected"] == args.clients,
+                           f"{ready['failed']} failed to connect, {result['disconnects']} disconnected"))
+    report.rows.append(Row("P5 fan-out", f"followers with every state change, of {args.followers}", args.followers,
+                           done, "all", done == args.followers, f"{events} events received by the followers"))
     report.rows.append(Row("P5 fan-out", f"API RSS MB with {args.clients} clients (peak)", round(idle_rss, 1),
-                           round(peak.peak, 1), "report", None, "baseline: the API before the clients connected"))
+                           round(peak.peak, 1), f"<= {RSS_LIMIT_MB}", peak.peak <= RSS_LIMIT_MB,
+                           f"baseline: the API before the clients connected; {per_client_kb:.1f} KB per client"))
+    report.rows.append(Row("P5 fan-out", f"submit p99 ms at 8 clients, {args.clients} connected", None,
+                           round(latency["p99"], 2), "< 50 ms", latency["p99"] < 50 and latency["non2xx"] == 0,
+                           f"p50 {latency['p50']:.2f} ms, {latency['rate']:.0f} req/s"))
     report.rows.append(Row("P5 fan-out", "API CPU ms per delivered event", None,
                            round(api_cpu * 1000 / max(events, 1), 3), "report", None,
-                           f"{api_cpu:.1f} CPU s over {fanout_s:.1f} s"))
+                           f"{api_cpu:.1f} CPU s over {fanout_s:.1f} s, idle clients' pings included"))
     report.facts.update({
-        "connect + join of all clients, s": f"{connect_s:.1f}",
-        "API RSS after connecting, MB / per client KB": f"{connected_rss:.1f} / "
-                                                        f"{(connected_rss - idle_rss) * 1024 / args.clients:.0f}",
+        "clients": f"{args.clients} (Node {_node_version()}, socket.io-client "
+                   f"{json.loads((NODE / 'node_modules/socket.io-client/package.json').read_text())['version']}, "
+                   f"WebSocket transport, {args.in_flight} connecting at a time), {args.followers} following a job",
+        "connect + join of all clients, s / API CPU s": f"{ready['connect_s']:.1f} / {connect_cpu:.1f}",
+        "API RSS idle / connected, MB": f"{idle_rss:.1f} / {connected_rss:.1f}",
         "jobs run in s (worker start to last final event)": f"{fanout_s:.1f}",
-        "statuses seen by each client": "parsing, ready, processing_conversations, finished"
-        if all({"parsing", "ready", "finished"} <= f.statuses for f in followers) else "some missing",
-        "API": f"python -m potpie_service api, API_THREADS={args.clients + 100}",
+        "Node clients: CPU s over the whole run / RSS MB": f"{result['client_cpu_s']:.1f} / "
+                                                          f"{result['client_rss_mb']:.0f}",
+        "API": "python -m potpie_service api (SOCKETIO_ASYNC_MODE=gevent, API_CONNECTIONS 15000)",
         "health status at the end": str(health.get("status")),
     })
     return report
 
 
+def _node_version() -> str:
+    return subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+
+
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=10000)
+    parser.add_argument("--followers", type=int, default=1000)
+    parser.add_argument("--in-flight", type=int, default=200, help="clients connecting at once")
     parser.add_argument("--parse-seconds", type=float, default=1.0)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--timeout", type=float, default=90.0)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the submit-latency round")
+    parser.add_argument("--connect-timeout", type=float, default=150.0)
+    parser.add_argument("--timeout", type=float, default=120.0)
 
 
 if __name__ == "__main__":

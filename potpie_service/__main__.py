@@ -10,27 +10,37 @@ import time
 
 
 def run_api(argv: list[str]) -> int:
-    """Serve the API with gunicorn (one worker process, many threads: Flask-SocketIO's threading mode)."""
-    from gunicorn.app.base import BaseApplication
-
+    """Serve the API with gunicorn, one worker process: gevent (SOCKETIO_ASYNC_MODE, the default; the standard
+    library is patched here, before gunicorn and the app are imported) or threads."""
     from .bootstrap import load_settings
 
     parser = argparse.ArgumentParser(prog="python -m potpie_service api")
     parser.add_argument("--threads", type=int, default=None,
-                        help="request threads (default API_THREADS); each open WebSocket holds one")
+                        help="SOCKETIO_ASYNC_MODE=threading: request threads (default API_THREADS); each open "
+                             "WebSocket holds one")
     args = parser.parse_args(argv)
     settings = load_settings("api")
-    threads = args.threads or settings.api_threads
+    green = settings.socketio_async_mode == "gevent"
+    if green:
+        from gevent import monkey
+
+        monkey.patch_all()
+    from gunicorn.app.base import BaseApplication
+
     from .api import create_app, preflight
 
     preflight(settings)
+    threads = args.threads or settings.api_threads
+    connections = settings.api_connections if green else 2 * threads
+    _allow_open_files(connections)
     app = create_app(settings)
+    worker = {"worker_class": "potpie_service.api.green_server.JsonErrorGeventWorker"} if green else {
+        "worker_class": "potpie_service.api.server.JsonErrorWorker", "threads": threads}
 
     class Server(BaseApplication):
         def load_config(self) -> None:
-            for key, value in {"bind": f"{settings.host}:{settings.port}", "workers": 1, "threads": threads,
-                               "worker_connections": 2 * threads, "graceful_timeout": 8, "timeout": 0,
-                               "worker_class": "potpie_service.api.server.JsonErrorWorker",  # gthread, JSON errors
+            for key, value in {"bind": f"{settings.host}:{settings.port}", "workers": 1, **worker,
+                               "worker_connections": connections, "graceful_timeout": 8, "timeout": 0,
                                "accesslog": None, "loglevel": settings.log_level,
                                "logger_class": "potpie_service.api.server.GunicornLogger"}.items():
                 self.cfg.set(key, value)
@@ -38,9 +48,26 @@ def run_api(argv: list[str]) -> int:
         def load(self):  # noqa: ANN202
             return app
 
-    logging.getLogger("potpie_service").info("API listening on http://%s:%s", settings.host, settings.port)
+    logging.getLogger("potpie_service").info("API listening on http://%s:%s (%s)", settings.host, settings.port,
+                                             settings.socketio_async_mode)
     Server().run()
     return 0
+
+
+def _allow_open_files(connections: int) -> None:
+    """Raise this process's open-file limit so `connections` clients fit (each is a descriptor; 256 more for Redis
+    and the rest), up to the hard limit; say so when the hard limit is lower."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 256
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logging.getLogger("potpie_service").warning(
+            "open files limited to %d (the hard limit): fewer than API_CONNECTIONS=%d clients fit", target,
+            connections)
 
 
 def worker_health(argv: list[str]) -> int:

@@ -148,7 +148,8 @@ class Settings:
 
     port: int = _env("PORT", "8080", _int(1, 65535))
     host: str = _env("HOST", "0.0.0.0")
-    api_threads: int = _env("API_THREADS", "1000", _int(10, 20000))
+    api_threads: int = _env("API_THREADS", "1000", _int(10, 20000))  # SOCKETIO_ASYNC_MODE=threading only
+    api_connections: int = _env("API_CONNECTIONS", "15000", _int(10, 100000))  # gevent: open connections at most
     potpie_api_key: str = _env("POTPIE_API_KEY", "", secret=True)
     potpie_base_url: str = _env("POTPIE_BASE_URL", "https://production-api.potpie.ai")
     potpie_poll_interval: float = _env("POTPIE_POLL_INTERVAL", "5", _float(0.05))
@@ -181,7 +182,7 @@ class Settings:
     log_format: str = _env("LOG_FORMAT", "json", _choice("json", "text"))
     job_ttl_completed: int = _env("JOB_TTL_COMPLETED", "86400", _int(1))
     job_ttl_failed: int = _env("JOB_TTL_FAILED", "604800", _int(1))
-    socketio_async_mode: str = _env("SOCKETIO_ASYNC_MODE", "threading", _choice("threading"))
+    socketio_async_mode: str = _env("SOCKETIO_ASYNC_MODE", "gevent", _choice("gevent", "threading"))
     cors_origins: tuple[str, ...] = _env("CORS_ORIGINS", "", _csv)
     broker_visibility_timeout: int = _env("BROKER_VISIBILITY_TIMEOUT", "3600", _int(30))
     worker_pool: str = _env("WORKER_POOL", "gevent", _choice("gevent", "prefork", "threads", "solo"))

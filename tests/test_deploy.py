@@ -46,7 +46,7 @@ DOCUMENTED_ENV = frozenset(
     JOB_TTL_COMPLETED JOB_TTL_FAILED SOCKETIO_ASYNC_MODE CORS_ORIGINS API_KEYS OPS_API_KEYS AUTH_DISABLED
     TOKEN_ENCRYPTION_KEY METRICS_TOKEN FLOWER_BASIC_AUTH WORKER_POOL WORKER_CONCURRENCY BROKER_VISIBILITY_TIMEOUT
     SIMULATOR_API_KEY REDIS_SENTINELS REDIS_SENTINEL_MASTER REDIS_SENTINEL_PASSWORD REDIS_MIN_REPLICAS_ACK
-    REDIS_MIN_REPLICAS_TIMEOUT_MS
+    REDIS_MIN_REPLICAS_TIMEOUT_MS API_CONNECTIONS
     """.split()
 )
 SECRET_ENV = frozenset(
@@ -259,7 +259,7 @@ def test_dockerfile_commands_match_the_service():
     api_final = stages(DOCKERFILES["api"])[-1]
     worker_final = stages(DOCKERFILES["worker"])[-1]
     api_cmd = json.loads([a for i, a in api_final if i == "CMD"][-1])
-    # gunicorn (gthread, one worker, API_THREADS threads, JSON logger) started by the api command itself
+    # gunicorn (one worker, gevent or gthread, JSON logger) started by the api command itself
     assert api_cmd == ["python", "-m", "potpie_service", "api"]
     assert "8080" in [a for i, a in api_final if i == "EXPOSE"][-1].split()
     worker_cmd = json.loads([a for i, a in worker_final if i == "CMD"][-1])

@@ -1,6 +1,10 @@
-"""gunicorn pieces of the API: its worker (gthread, except that what gunicorn rejects itself — a request line or
-headers too long, a malformed request, an unknown transfer coding — gets the API's JSON error and security headers
-instead of gunicorn's HTML page) and its logger (gunicorn's own lines in the service's format)."""
+"""gunicorn pieces of the API: its workers (gevent by default, gthread for SOCKETIO_ASYNC_MODE=threading; in both,
+what gunicorn rejects itself — a request line or headers too long, a malformed request, an unknown transfer coding —
+gets the API's JSON error and security headers instead of gunicorn's HTML page) and its logger (gunicorn's own
+lines in the service's format).
+
+The gevent worker imports gevent only when gunicorn loads it by name, after `python -m potpie_service api` has
+patched the standard library (potpie_service/__main__.py)."""
 
 from __future__ import annotations
 
@@ -40,17 +44,21 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
     util.write_nonblock(sock, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
 
 
-class JsonErrorWorker(ThreadWorker):
-    """gunicorn's threaded worker (Flask-SocketIO's threading mode), answering its own rejections in JSON."""
+class JsonErrors:
+    """A gunicorn worker answering its own rejections in JSON (mixed in before gunicorn's worker class)."""
 
     def init_process(self) -> None:
         util.write_error = write_json_error  # gunicorn's only error writer, used by handle_error in this process
-        super().init_process()
+        super().init_process()  # type: ignore[misc]
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         if isinstance(exc, UnsupportedTransferCoding):
             exc = _UnknownTransferCoding()
-        super().handle_error(req, client, addr, exc)
+        super().handle_error(req, client, addr, exc)  # type: ignore[misc]
+
+
+class JsonErrorWorker(JsonErrors, ThreadWorker):
+    """gunicorn's threaded worker (Flask-SocketIO's threading mode): one OS thread per request and per WebSocket."""
 
 
 class GunicornLogger(GunicornBaseLogger):

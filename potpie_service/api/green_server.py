@@ -1,0 +1,13 @@
+"""The API's default gunicorn worker: gevent (Flask-SocketIO's gevent mode, WebSockets by simple-websocket): one
+greenlet per connection, so one process holds tens of thousands of Socket.IO clients. Its own module, so that
+gevent is imported only by a process that patched the standard library first (potpie_service/__main__.py)."""
+
+from __future__ import annotations
+
+from gunicorn.workers.ggevent import GeventWorker
+
+from .server import JsonErrors
+
+
+class JsonErrorGeventWorker(JsonErrors, GeventWorker):
+    """gunicorn's gevent worker, answering its own rejections in JSON."""
