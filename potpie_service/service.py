@@ -83,7 +83,7 @@ class JobService:
             body = self._accepted(existing, self.queue_position(existing))
             body["deduplicated" if submitted.outcome == "duplicate" else "idempotent_replay"] = True
             return 200, body
-        for admitted in submitted.admitted:  # others let in by this submit (the job's own step went with it)
+        for admitted in submitted.admitted:  # others let in (and the job itself if the submit WAITed)
             self._dispatch_first(admitted)
         log.info("job queued for %s@%s", request.repo, request.branch, extra={"job_id": job.id})
         return 202, self._accepted(job, submitted.queue_position)

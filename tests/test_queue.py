@@ -1,16 +1,21 @@
 """The first step the submit script enqueues (queue.FirstSteps) is the message `send_task` would have written, and
-its task-sent event the one Celery would have published: compared field by field on a real Redis."""
+its task-sent event the one Celery would have published: compared field by field on a real Redis. A submit that
+must WAIT for replicas (REDIS_MIN_REPLICAS_ACK) puts nothing on the queue before they hold the job."""
 
 from __future__ import annotations
 
 import base64
 import json
+import threading
 import uuid
 
+import pytest
 import redis
 
 from potpie_service.config import Settings
+from potpie_service.core.job import Job
 from potpie_service.queue import FirstSteps, dispatcher, make_celery
+from potpie_service.store.jobs import Durability, JobStore, NotReplicated
 
 # what differs between any two messages: fresh ids, the sender's name and clocks
 PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "hostname", "pid", "clock", "timestamp",
@@ -56,3 +61,27 @@ def test_first_step_message_and_event_match_what_send_task_writes(redis_server) 
     assert my_event["body"]["clock"] > their_event["body"]["clock"]  # the app's Lamport clock moved forward
     assert steps("b" * 32).body != steps("b" * 32).body  # a fresh task id and delivery tag each time
     events.close()
+
+
+def test_a_submit_that_waits_for_replicas_enqueues_nothing_before_they_hold_the_job(redis_server) -> None:
+    queue = f"test-queue-{uuid.uuid4().hex[:6]}"
+    settings = Settings(redis_url_raw=redis_server.url, queue_name=queue)
+    steps = FirstSteps(make_celery(settings), settings)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    durable = JobStore(client, queue, 3, 60, 60, Durability(replicas=1, timeout_ms=300))  # this Redis has none
+    seen: list[object] = []
+    worker = threading.Thread(target=lambda: seen.append(  # a worker waiting on the queue all through the WAIT
+        redis.Redis.from_url(redis_server.url, decode_responses=True).brpop([queue], timeout=2)))
+    worker.start()
+    refused = Job(uuid.uuid4().hex, owner="o", repo="octocat/hello")
+    with pytest.raises(NotReplicated):
+        durable.submit(refused, first_step=steps(refused.id))
+    worker.join()
+    assert seen == [None], "a worker could have started a job the API then refused"
+    assert durable.get(refused.id) is None and client.llen(queue) == 0
+
+    plain = JobStore(client, queue, 3, 60, 60)  # no replicas asked for: the script enqueues the first step itself
+    job = Job(uuid.uuid4().hex, owner="o", repo="octocat/hello")
+    submitted = plain.submit(job, first_step=steps(job.id))
+    assert submitted.outcome == "created" and submitted.admitted == ()
+    assert _decoded(client.rpop(queue))["body"][0] == [job.id, 0]

@@ -120,13 +120,14 @@ class JobStore:
         """Store a new job at the back of the line and admit what fits; one round trip. When the job itself is
         admitted, `first_step` goes onto the Celery queue in the same script (and is not among `admitted`, which
         the caller dispatches). With a Durability, Redis WAITs for the replicas in the same pipeline (one
-        connection); short of them the job and its message are taken back and NotReplicated raised (the others it
-        admitted stay admitted; the sweeper dispatches them)."""
+        connection) and `first_step` is not used: a job is only dispatched once the replicas hold it, so the
+        caller dispatches it with the others. Short of them the job is taken back and NotReplicated raised (the
+        others it admitted stay admitted; the sweeper dispatches them)."""
         keys = self.keys
         job_keys = [keys.job(job.id), keys.index("waiting"), keys.index("active"), keys.index("tickets"),
                     keys.owner(job.owner), keys.secret(job.id), keys.idempotency(job.owner, dedup.idempotency_key),
                     keys.dedup(job.owner, dedup.request_key), keys.broker_queue]
-        step = first_step or StepMessage("", "", "")
+        step = first_step if first_step and not self.durability.replicas else StepMessage("", "", "")
         args = dict(prefix=keys.prefix, max=self.max_concurrent, now=time.time(), id=job.id, fields=job.to_hash(),
                     secret=secret, secret_ttl=secret_ttl, use_idempotency=bool(dedup.idempotency_key),
                     request_hash=dedup.request_hash, idempotency_ttl=dedup.idempotency_ttl,
@@ -141,7 +142,7 @@ class JobStore:
             reply, acked = self._wait(pipe)
             if reply[0] == "created" and acked < self.durability.replicas:
                 self._scripts.call("withdraw", [job_keys[0], *job_keys[1:3], *job_keys[4:]], prefix=keys.prefix,
-                                   max=self.max_concurrent, now=time.time(), id=job.id, raw=(step.body,))
+                                   max=self.max_concurrent, now=time.time(), id=job.id)
                 raise NotReplicated(acked, self.durability.replicas, self.durability.timeout_ms)
         if reply[0] != "created":
             return Submitted(reply[0], reply[1])
