@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import os
+import socket
 import time
 import uuid
 from typing import Any, Callable, Iterator
@@ -298,3 +301,24 @@ def test_replay_of_a_retrying_job_carries_the_retry_details() -> None:
     [(name, payload)] = replay(job, None)
     assert (name, payload["seq"], payload["attempt"], payload["max_attempts"]) == ("status_update", 7, 2, 6)
     assert payload["error"] == "Potpie server error (500)" and 1.5 < payload["retry_in"] <= 2
+
+
+def test_websocket_declines_per_message_compression(stack: Stack) -> None:
+    """A browser offers permessage-deflate; the API holds ~140 KB less per socket by declining it (api/websocket.py),
+    and the socket still opens: engine.io's open packet comes as a plain text frame."""
+    host, port = stack.url.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall((f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                      f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                      "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n").encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += conn.recv(4096)
+        head, frame = reply.split(b"\r\n\r\n", 1)
+        while len(frame) < 3:
+            frame += conn.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    assert b"sec-websocket-extensions" not in head.lower(), head
+    assert frame[0] == 0x81, "a final text frame without the RSV1 (compressed) bit"
+    assert frame[2:3] == b"0", "engine.io's open packet"

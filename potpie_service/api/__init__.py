@@ -32,6 +32,7 @@ from .errors import ApiError, error_response
 from .headers import SecurityHeaders
 from .metrics import instrument
 from .ratelimit import init_rate_limits
+from .websocket import decline_compression
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     manager_url, manager_options = socketio_manager_args(settings)
     manager = python_socketio.RedisManager(manager_url, channel=store.channel, redis_options=manager_options)
     cors: Any = _socket_origins(settings.cors_origins)
+    decline_compression()  # ~140 KB a socket for frames of a few hundred bytes (api/websocket.py)
     socketio = SocketIO(app, async_mode=settings.socketio_async_mode, client_manager=manager,
                         cors_allowed_origins=cors, ping_interval=20, ping_timeout=20, logger=False,
                         engineio_logger=False)
