@@ -244,8 +244,15 @@ def summarize(args: argparse.Namespace, jobs: dict[str, str], followers: list[Fo
         "final_events_missing": missing_final, "final_events_wrong": wrong_final,
         "raw_duplicate_finals": sum(max(0, f.raw_finals - 1) for _, f in pairs),
         "events_expected_uninterrupted": expected, "events_received_uninterrupted": received,
-        "errors": dict(errors), "samples": samples,
+        "api_rss_second_half_mb": second_half(samples), "errors": dict(errors), "samples": samples,
     }
+
+
+def second_half(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """The API's RSS over the second half of the run: where it started and ended, its low and its high (flat when
+    end - start is within noise and no high runs away)."""
+    half = [row["rss_mb"] for row in samples[len(samples) // 2:]] or [0.0]
+    return {"start": half[0], "end": half[-1], "min": min(half), "max": max(half)}
 
 
 def print_table(result: dict[str, Any]) -> None:
