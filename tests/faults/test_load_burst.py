@@ -39,7 +39,11 @@ def sim_process() -> Iterator[SimpleNamespace]:
 
 
 def _memory(server: RedisServer) -> int:
-    return int(server.client().info("memory")["used_memory"])
+    """Memory the data takes: used_memory without the clients' query and output buffers. The API's connection
+    pool grows with the burst (under gevent one connection per concurrent greenlet), and those buffers are the
+    connections', not the jobs'."""
+    info = server.client().info("memory")
+    return int(info["used_memory"]) - int(info["mem_clients_normal"])
 
 
 def test_burst_of_5000_jobs_all_finish_once_and_memory_returns(own_redis, sim_process, stacks, emissions) -> None:
@@ -97,8 +101,8 @@ def test_burst_of_5000_jobs_all_finish_once_and_memory_returns(own_redis, sim_pr
     except AssertionError:
         pytest.fail(f"keys the jobs left behind: {leftovers()}")
     after = _memory(own_redis)
-    # What remains above the baseline is connection buffers (the API's pool grew with the burst), well under 1 MB
-    # where the jobs took ~15 MB at the peak.
+    # Without the connections' buffers, what remains above the baseline is a few hash-table and allocator pages,
+    # well under 1 MB where the jobs took ~20 MB at the peak.
     assert after - baseline < min(1024 * 1024, (peak - baseline) // 10), (baseline, after, peak)
     print(f"\n{JOBS} jobs: submitted in {submitted:.1f} s ({JOBS / submitted:.0f}/s), all finished in {took:.1f} s "
           f"({JOBS / took:.0f} jobs/s); Redis used_memory {baseline / 1e6:.2f} MB -> peak {peak / 1e6:.2f} MB "
