@@ -322,3 +322,44 @@ def test_websocket_declines_per_message_compression(stack: Stack) -> None:
     assert b"sec-websocket-extensions" not in head.lower(), head
     assert frame[0] == 0x81, "a final text frame without the RSV1 (compressed) bit"
     assert frame[2:3] == b"0", "engine.io's open packet"
+
+
+def test_room_index_agrees_with_the_room_table_through_joins_leaves_and_disconnects(redis_server) -> None:
+    """The API's room registry answers a socket's rooms from its own index (a disconnect no longer scans every
+    room): after every step the index says what a scan of python-socketio's room table says, and a disconnect
+    takes the socket out of every room while its neighbours stay where they were."""
+    from socketio.base_manager import BaseManager
+
+    from potpie_service.api.rooms import IndexedRedisManager
+
+    manager = IndexedRedisManager(redis_server.url, write_only=True)
+    socketio.Server(client_manager=manager)
+    sids = [manager.connect(f"eio-{index}", "/") for index in range(40)]
+
+    def agree() -> None:
+        for sid in sids:
+            assert sorted(manager.get_rooms(sid, "/"), key=str) == sorted(BaseManager.get_rooms(manager, sid, "/"),
+                                                                          key=str)
+
+    for index, sid in enumerate(sids):
+        manager.enter_room(sid, "/", f"job-{index % 4}")
+        if index % 3 == 0:
+            manager.enter_room(sid, "/", "job-extra")
+    agree()
+    for sid in sids[::5]:
+        manager.leave_room(sid, "/", "job-extra")
+    agree()
+    gone, stay = sids[:20], sids[20:]
+    for sid in gone:
+        manager.pre_disconnect(sid, "/")
+        manager.disconnect(sid, "/", ignore_queue=True)
+    agree()
+    for sid in gone:
+        assert not manager.get_rooms(sid, "/") and not manager.is_connected(sid, "/")
+        assert all(sid not in room for room in manager.rooms["/"].values())
+    assert not manager.pending_disconnect, "a disconnect leaves no pending mark behind"
+    for index, sid in enumerate(stay, start=20):
+        assert f"job-{index % 4}" in manager.get_rooms(sid, "/") and manager.is_connected(sid, "/")
+    for sid in stay:
+        manager.disconnect(sid, "/", ignore_queue=True)
+    assert manager.rooms == {} and manager.member_of == {}

@@ -9,7 +9,6 @@ import uuid
 from typing import Any
 
 import redis
-import socketio as python_socketio
 from flask import Flask, Response, g, request
 from flask.json.provider import DefaultJSONProvider
 from flask_socketio import SocketIO
@@ -32,6 +31,7 @@ from .errors import ApiError, error_response
 from .headers import SecurityHeaders
 from .metrics import instrument
 from .ratelimit import init_rate_limits
+from .rooms import IndexedRedisManager
 from .websocket import decline_compression
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     service = JobService(settings, store, dispatcher(celery, settings), TokenCipher(settings.token_encryption_key),
                          potpie, FirstSteps(celery, settings))
     manager_url, manager_options = socketio_manager_args(settings)
-    manager = python_socketio.RedisManager(manager_url, channel=store.channel, redis_options=manager_options)
+    manager = IndexedRedisManager(manager_url, channel=store.channel, redis_options=manager_options)
     cors: Any = _socket_origins(settings.cors_origins)
     decline_compression()  # ~140 KB a socket for frames of a few hundred bytes (api/websocket.py)
     socketio = SocketIO(app, async_mode=settings.socketio_async_mode, client_manager=manager,
