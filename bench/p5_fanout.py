@@ -128,8 +128,12 @@ def run(args: argparse.Namespace) -> Report:
             fanout_s = time.monotonic() - started
             time.sleep(0.5)  # stragglers after a final event would show up as gaps or extra seqs
             api_cpu = tree_cpu_s(api.proc.pid) - cpu_before
-            result = clients.report()
-        health = session.get(url + "/health", timeout=10).json()
+            health = session.get(url + "/health", timeout=30).json()
+            result = clients.report()  # the Node process then disconnects every client and exits
+        clients.proc.wait(60)
+        left = time.monotonic()
+        requests.get(url + "/livez", timeout=120)  # a new connection: the idle keep-alive one may be closed
+        answered_after_s = time.monotonic() - left
     finally:
         if clients:
             clients.stop()
@@ -164,7 +168,8 @@ def run(args: argparse.Namespace) -> Report:
         "Node clients: CPU s over the whole run / RSS MB": f"{result['client_cpu_s']:.1f} / "
                                                           f"{result['client_rss_mb']:.0f}",
         "API": "python -m potpie_service api (SOCKETIO_ASYNC_MODE=gevent, API_CONNECTIONS 15000)",
-        "health status at the end": str(health.get("status")),
+        "health status with every client connected": str(health.get("status")),
+        "GET /livez answered s after all clients disconnected at once": f"{answered_after_s:.1f}",
     })
     return report
 

@@ -24,7 +24,8 @@ let failed = 0;
 let disconnects = 0;
 let finished = 0;
 const started = Date.now();
-const out = (message) => process.stdout.write(JSON.stringify(message) + "\n");
+// A write to a pipe may be partly queued; `then` runs once all of it is handed to the OS (exit only after).
+const out = (message, then) => process.stdout.write(JSON.stringify(message) + "\n", then);
 
 function open(index) {
   return new Promise((resolve) => {
@@ -74,8 +75,10 @@ connectAll().then(() => {
     const cpu = process.cpuUsage();
     out({ type: "report", still_connected: connected - disconnects, disconnects, failed,
           client_cpu_s: (cpu.user + cpu.system) / 1e6, client_rss_mb: process.memoryUsage().rss / 1048576,
-          followers: followers.map((f) => ({ job: f.job, joined: f.joined, events: f.events, error: f.ackError })) });
-    for (const socket of sockets) socket.disconnect();
-    setTimeout(() => process.exit(0), 500);
+          followers: followers.map((f) => ({ job: f.job, joined: f.joined, events: f.events, error: f.ackError })) },
+        () => {
+          for (const socket of sockets) socket.disconnect();
+          setTimeout(() => process.exit(0), 500);
+        });
   });
 });
