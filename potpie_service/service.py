@@ -14,13 +14,14 @@ import redis
 from . import SERVICE_NAME, __version__
 from .config import Settings
 from .core import analysis
-from .core.errors import Conflict, NotFound, Unavailable, ValidationError
+from .core.errors import Conflict, NotFound, RateLimited, Unavailable, ValidationError
 from .core.events import final_events, now_iso
 from .core.job import Change, Job, JobUpdate
 from .core.model import MESSAGES, JobStatus
 from .core.submission import AnalyzeRequest, StepMessage
 from .potpie.client import PotpieClient
 from .store.jobs import Dedup, JobStore, NotReplicated
+from .store.ratelimit import Charge
 from .tokens import TokenCipher
 from .webhooks import UnsafeCallbackUrl, check_url
 
@@ -47,8 +48,9 @@ class JobService:
         self._durations: tuple[float, list[float]] = (0.0, [])  # (read at, monotonic), for ETAs
 
     def submit(self, owner: str, request: AnalyzeRequest, idempotency_key: str | None = None,
-               retry_of: Job | None = None) -> tuple[int, dict[str, Any]]:
-        """Queue a new analysis job, or find the one it repeats; return (HTTP status, body)."""
+               retry_of: Job | None = None, charge: Charge | None = None) -> tuple[int, dict[str, Any]]:
+        """Queue a new analysis job, or find the one it repeats; return (HTTP status, body). An unpaid rate-limit
+        `charge` is counted by the same Redis call, which refuses (RateLimited) over the limit."""
         if request.github_token and not self.cipher.enabled:
             raise ValidationError("github_token cannot be accepted: the server has no TOKEN_ENCRYPTION_KEY",
                                   field="github_token")
@@ -67,7 +69,7 @@ class JobService:
         try:
             submitted = self.store.submit(job, sealed, int(self.settings.parse_timeout) + 86400,
                                           self._dedup(request, idempotency_key),
-                                          self.first_step(job.id) if self.first_step else None)
+                                          self.first_step(job.id) if self.first_step else None, charge)
         except NotReplicated as exc:
             log.error("cannot queue the job: %s (REDIS_MIN_REPLICAS_ACK)", exc)
             raise Unavailable(f"the job was not queued: {exc} (REDIS_MIN_REPLICAS_ACK={exc.wanted}); nothing was "
@@ -75,6 +77,8 @@ class JobService:
         except redis.RedisError as exc:
             log.error("cannot queue the job: Redis unavailable (%s)", type(exc).__name__)
             raise Unavailable("Redis connection failed: the job was not queued; try again later") from None
+        if submitted.outcome == "limited":
+            raise RateLimited("Too many requests: slow down and retry after the time in the Retry-After header")
         if submitted.outcome == "conflict":
             raise Conflict("Idempotency-Key was already used with a different request", field="Idempotency-Key",
                            job_id=submitted.job_id)

@@ -1,6 +1,6 @@
 """The job-creation rate limiter against a real Redis: several limits in one script call, windows opened by a
-client's first request, the binding limit reported, and per-process counting while Redis is away.
-(Over HTTP, across two API processes: tests/test_security.py.)"""
+client's first request, the binding limit reported, per-process counting while Redis is away, and a submit that
+counts its request in its own script call. (Over HTTP, across two API processes: tests/test_security.py.)"""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import uuid
 import pytest
 import redis
 
+from potpie_service.core.job import Job
+from potpie_service.store.jobs import JobStore
 from potpie_service.store.keys import Keys
 from potpie_service.store.ratelimit import RateLimiter
 from potpie_service.config import Settings, parse_rate_limits
 from potpie_service.connections import make_redis
-from tests.stack import free_port
+from tests.stack import RedisServer, free_port
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -86,3 +88,29 @@ def test_redis_away_counts_per_process_and_says_so_once(caplog: pytest.LogCaptur
     assert took < 3, "a Redis outage never makes a request wait long"
     warnings = [r for r in caplog.records if "rate limit storage unreachable" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def _script_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_submit_counts_its_charge_in_its_own_script_call_and_stores_nothing_over_the_limit(
+        redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    queue = f"q-rl-{uuid.uuid4().hex[:8]}"
+    store = JobStore(client, queue, 100, 60, 60)
+    limits = store.rate_limiter(parse_rate_limits("2/minute"))
+    jobs = [Job(uuid.uuid4().hex, owner="alice", repo="octocat/hello") for _ in range(3)]
+    charges = [limits.charge("key:alice") for _ in jobs]
+    store.submit(Job(uuid.uuid4().hex, owner="bob", repo="octocat/hello"))  # Redis learns the script (NOSCRIPT)
+    client.config_resetstat()
+    outcomes = [store.submit(job, charge=charge).outcome for job, charge in zip(jobs, charges)]
+    assert _script_calls(client) == 3, "one Redis call a submit, its rate-limit count included"
+    assert outcomes == ["created", "created", "limited"]
+    assert [job.id for job in jobs if store.get(job.id)] == [jobs[0].id, jobs[1].id], "the refused one was not kept"
+    assert client.zcard(store.keys.owner("alice")) == 2
+    verdicts = [limits.verdict(charge) for charge in charges]  # paid by the submits: not counted again
+    assert [(v.allowed, v.remaining) for v in verdicts] == [(True, 1), (True, 0), (False, 0)]
+    assert verdicts[2].limit.text == "2 per 1 minute" and 55 < verdicts[2].reset_at - time.time() <= 60
+    assert limits.hit("key:alice").remaining == 0 and limits.hit("key:bob").remaining == 1
+    assert int(client.get(charges[0].keys[0])) == 4, "three submits and one hit: each counted once"

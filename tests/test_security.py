@@ -572,8 +572,12 @@ def _post(api: Service, key: str | None, headers: dict[str, str] | None = None) 
 
 def test_rate_limit_per_key_holds_across_two_api_processes(limited: tuple[RedisServer, list[Service]]) -> None:
     server, (api_a, api_b) = limited
-    answers = [_post(api, ALICE) for api in (api_a, api_b, api_a, api_b, api_a, api_b)]
-    assert [r.status_code for r in answers] == [202] * 5 + [429]
+    answers = [_post(api, ALICE) for api in (api_a, api_b)]
+    answers.append(requests.post(api_a.url + "/analyze", json={"repo": "no slash"},  # type: ignore[attr-defined]
+                                 headers=bearer(ALICE), timeout=10))
+    answers += [_post(api, ALICE) for api in (api_b, api_a, api_b)]
+    assert [r.status_code for r in answers] == [202, 202, 400, 202, 202, 429], \
+        "a request refused before the submit script counts too (once)"
     assert [r.headers["X-RateLimit-Remaining"] for r in answers] == ["4", "3", "2", "1", "0", "0"]
     assert {r.headers["X-RateLimit-Limit"] for r in answers} == {"5"}
     assert len({r.headers["X-RateLimit-Reset"] for r in answers}) <= 2, "one window (its end rounded up to a second)"

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Response, jsonify
 
-from ..core.errors import Conflict, NotFound, ServiceError, Unavailable, ValidationError
+from ..core.errors import Conflict, NotFound, RateLimited, ServiceError, Unavailable, ValidationError
 
 
 class ApiError(ServiceError):
@@ -40,7 +40,7 @@ class TooManyRequests(ApiError):
     status = 429
 
 
-DOMAIN_STATUS = {ValidationError: 400, NotFound: 404, Conflict: 409, Unavailable: 503}
+DOMAIN_STATUS = {ValidationError: 400, NotFound: 404, Conflict: 409, RateLimited: 429, Unavailable: 503}
 
 
 def status_of(error: ServiceError) -> int:

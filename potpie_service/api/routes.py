@@ -13,6 +13,7 @@ from ..core.events import now_iso
 from . import openapi
 from .context import context, json_body, presented_key, require_owner
 from .errors import Unauthorized
+from .ratelimit import rate_charge
 
 bp = Blueprint("api", __name__)
 
@@ -57,7 +58,7 @@ def analyze() -> Any:
     owner = require_owner()
     body = submission.analyze_request(json_body())
     key = submission.idempotency_key(request.headers.get("Idempotency-Key"))
-    status, reply = context().service.submit(owner, body, key)
+    status, reply = context().service.submit(owner, body, key, charge=rate_charge())
     return jsonify(reply), status
 
 

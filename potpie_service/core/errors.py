@@ -28,3 +28,7 @@ class Conflict(ServiceError):
 
 class Unavailable(ServiceError):
     """A dependency (Redis) cannot be reached; nothing was done."""
+
+
+class RateLimited(ServiceError):
+    """The caller is over a rate limit (RATE_LIMIT); nothing was done."""

@@ -20,7 +20,7 @@ from ..core.submission import StepMessage
 from .broadcast import Broadcast, broadcast
 from .keys import Keys
 from .metrics import MetricsRecorder, MetricsSnapshot, read_snapshot
-from .ratelimit import RateLimiter
+from .ratelimit import Charge, RateLimiter
 from .scripts import Scripts
 from .throttle import TokenBucket
 from .topology import describe
@@ -116,34 +116,40 @@ class JobStore:
     # --- writes --------------------------------------------------------------------------------------------
 
     def submit(self, job: Job, secret: str = "", secret_ttl: int = 86400, dedup: Dedup = Dedup(),
-               first_step: StepMessage | None = None) -> Submitted:
-        """Store a new job at the back of the line and admit what fits; one round trip. When the job itself is
-        admitted, `first_step` goes onto the Celery queue in the same script (and is not among `admitted`, which
-        the caller dispatches). With a Durability, Redis WAITs for the replicas in the same pipeline (one
-        connection) and `first_step` is not used: a job is only dispatched once the replicas hold it, so the
-        caller dispatches it with the others. Short of them the job is taken back and NotReplicated raised (the
-        others it admitted stay admitted; the sweeper dispatches them)."""
+               first_step: StepMessage | None = None, charge: Charge | None = None) -> Submitted:
+        """Store a new job at the back of the line and admit what fits; one round trip. An unpaid rate-limit
+        `charge` is paid first in the same script: over a limit nothing is stored (outcome 'limited'). When the job
+        itself is admitted, `first_step` goes onto the Celery queue in the same script (and is not among
+        `admitted`, which the caller dispatches). With a Durability, Redis WAITs for the replicas in the same
+        pipeline (one connection) and `first_step` is not used: a job is only dispatched once the replicas hold
+        it, so the caller dispatches it with the others. Short of them the job is taken back and NotReplicated
+        raised (the others it admitted stay admitted; the sweeper dispatches them)."""
         keys = self.keys
         job_keys = [keys.job(job.id), keys.index("waiting"), keys.index("active"), keys.index("tickets"),
                     keys.owner(job.owner), keys.secret(job.id), keys.idempotency(job.owner, dedup.idempotency_key),
                     keys.dedup(job.owner, dedup.request_key), keys.broker_queue]
+        unpaid = charge if charge is not None and charge.reply is None else None
+        rate_keys = unpaid.keys if unpaid else []
+        rate = dict(rate_windows_ms=unpaid.windows_ms, rate_amounts=unpaid.amounts) if unpaid else {}
         step = first_step if first_step and not self.durability.replicas else StepMessage("", "", "")
         args = dict(prefix=keys.prefix, max=self.max_concurrent, now=time.time(), id=job.id, fields=job.to_hash(),
                     secret=secret, secret_ttl=secret_ttl, use_idempotency=bool(dedup.idempotency_key),
                     request_hash=dedup.request_hash, idempotency_ttl=dedup.idempotency_ttl,
                     use_dedup=bool(dedup.request_key), owner_ttl=max(self.ttl.values()),
-                    step_event_channel=step.event_channel)
+                    step_event_channel=step.event_channel, **rate)
         raw = (step.body, step.event)
         if not self.durability.replicas:
-            reply = self._scripts.call("submit", job_keys, raw=raw, **args)
+            reply = self._scripts.call("submit", job_keys + rate_keys, raw=raw, **args)
         else:
             pipe = self._redis.pipeline(transaction=False)
-            self._scripts.call("submit", job_keys, client=pipe, raw=raw, **args)
+            self._scripts.call("submit", job_keys + rate_keys, client=pipe, raw=raw, **args)
             reply, acked = self._wait(pipe)
             if reply[0] == "created" and acked < self.durability.replicas:
                 self._scripts.call("withdraw", [job_keys[0], *job_keys[1:3], *job_keys[4:]], prefix=keys.prefix,
                                    max=self.max_concurrent, now=time.time(), id=job.id)
                 raise NotReplicated(acked, self.durability.replicas, self.durability.timeout_ms)
+        if unpaid:
+            unpaid.reply = [int(value) for value in reply[4]]
         if reply[0] != "created":
             return Submitted(reply[0], reply[1])
         return Submitted("created", reply[1], int(reply[2]) + 1, tuple(reply[3]))

@@ -1,6 +1,6 @@
 """Rate limits on job creation, counted in Redis so they hold across every API process: one script call per
-request counts every limit and reads when each window ends; a Redis outage falls back to per-process counting
-instead of failing requests."""
+request counts every limit and reads when each window ends (the submit script itself, when the request gets that
+far: see `Charge`); a Redis outage falls back to per-process counting instead of failing requests."""
 
 from __future__ import annotations
 
@@ -28,6 +28,18 @@ class Verdict:
     reset_at: float  # epoch seconds when that limit's window ends
 
 
+@dataclass
+class Charge:
+    """One request's hit on each of its identity's counters, paid once: by the submit script when the request
+    reaches it (no round trip of its own), else by `RateLimiter.pay`. `reply` holds, per limit, the count and
+    the ms left in its window once it is paid."""
+
+    keys: list[str]
+    windows_ms: list[int]
+    amounts: list[int]
+    reply: list[int] | None = None
+
+
 class RateLimiter:
     """Counts requests per identity against every configured limit."""
 
@@ -41,13 +53,26 @@ class RateLimiter:
 
     def hit(self, identity: str) -> Verdict:
         """Count one request of `identity`; whether it is allowed, and by which limit it is measured."""
-        now = time.time()
-        keys = [self.keys.rate(identity, limit.amount, limit.seconds) for limit in self.limits]
-        windows = [limit.seconds * 1000 for limit in self.limits]
+        return self.verdict(self.charge(identity))
+
+    def charge(self, identity: str) -> Charge:
+        """What one request of `identity` will count (nothing is counted yet)."""
+        return Charge([self.keys.rate(identity, limit.amount, limit.seconds) for limit in self.limits],
+                      [limit.seconds * 1000 for limit in self.limits], [limit.amount for limit in self.limits])
+
+    def pay(self, charge: Charge) -> None:
+        """Count an unpaid charge now, in Redis (per process while Redis is away)."""
+        if charge.reply is not None:
+            return
         try:
-            reply = [int(value) for value in self._hit(keys, windows_ms=windows)]
+            charge.reply = [int(value) for value in self._hit(charge.keys, windows_ms=charge.windows_ms)]
         except redis.RedisError:
-            reply = self._hit_locally(keys, windows, now)
+            charge.reply = self._hit_locally(charge.keys, charge.windows_ms, time.time())
+
+    def verdict(self, charge: Charge) -> Verdict:
+        """Whether the charge is allowed (paying it now if nothing has), and by which limit it is measured."""
+        self.pay(charge)
+        now, reply = time.time(), charge.reply or []
         verdicts = []
         for limit, count, left_ms in zip(self.limits, reply[::2], reply[1::2]):
             verdicts.append(Verdict(count <= limit.amount, limit, max(0, limit.amount - count), now + left_ms / 1000))

@@ -49,3 +49,20 @@ local function broadcast(news, seq)
     redis.call('PUBLISH', news.channel, (string.gsub(message, marker, tostring(seq + i - 1))))
   end
 end
+
+-- Counts one request against each limit's window (fixed windows, opened by a client's first request): for each
+-- key, its count and the ms left in its window (store/ratelimit.py).
+local function hit_limits(keys, windows_ms)
+  local out = {}
+  for i, key in ipairs(keys) do
+    local count = redis.call('INCR', key)
+    local left = redis.call('PTTL', key)
+    if count == 1 or left < 0 then
+      redis.call('PEXPIRE', key, windows_ms[i])
+      left = windows_ms[i]
+    end
+    out[#out + 1] = count
+    out[#out + 1] = left
+  end
+  return out
+end

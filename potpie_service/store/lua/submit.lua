@@ -1,22 +1,30 @@
 -- A new job at the back of the line, then admission of what fits; a job admitted at once has its first step pushed
 -- onto the Celery queue here (its message built by queue.FirstSteps) and is left out of the admitted list returned.
 -- KEYS: 1 job, 2 waiting, 3 active, 4 tickets, 5 owner index, 6 secret, 7 idempotency key, 8 dedup key,
---       9 the Celery queue (kombu's list)
+--       9 the Celery queue (kombu's list), 10... the caller's rate-limit counters (none: not limited here)
 -- a: prefix, max, now, id, fields, secret ('' for none), secret_ttl, use_idempotency, request_hash,
---    idempotency_ttl, use_dedup, owner_ttl, step_event_channel
+--    idempotency_ttl, use_dedup, owner_ttl, step_event_channel, rate_windows_ms, rate_amounts
 -- ARGV[2]: the first step's message ('' for none), ARGV[3]: its task-sent event
+-- Returns {outcome, job id, rank, admitted, rate counts}; over a rate limit nothing is stored ('limited').
+local rate = {}
+if #KEYS > 9 then
+  rate = hit_limits({unpack(KEYS, 10)}, a.rate_windows_ms)
+  for i, amount in ipairs(a.rate_amounts) do
+    if rate[2 * i - 1] > amount then return {'limited', '', -1, {}, rate} end
+  end
+end
 if a.use_idempotency then
   local seen = redis.call('HMGET', KEYS[7], 'job_id', 'hash')
   if seen[1] then
-    if seen[2] ~= a.request_hash then return {'conflict', seen[1]} end
-    return {'replayed', seen[1]}
+    if seen[2] ~= a.request_hash then return {'conflict', seen[1], -1, {}, rate} end
+    return {'replayed', seen[1], -1, {}, rate}
   end
 end
 if a.use_dedup then
   local other = redis.call('GET', KEYS[8])
   if other then
     local status = redis.call('HGET', job_key(other), 'status')
-    if status and not TERMINAL[status] then return {'duplicate', other} end
+    if status and not TERMINAL[status] then return {'duplicate', other, -1, {}, rate} end
   end
 end
 local ticket = redis.call('INCR', KEYS[4])
@@ -45,4 +53,4 @@ if ARGV[2] ~= '' then
   end
 end
 local rank = redis.call('ZRANK', KEYS[2], a.id)
-return {'created', a.id, rank or -1, admitted}
+return {'created', a.id, rank or -1, admitted, rate}
