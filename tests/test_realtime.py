@@ -18,7 +18,7 @@ from potpie_service.core.events import replay
 from potpie_service.core.job import Job
 from potpie_service.core.model import JobStatus
 from tests.conftest import Stack, make_stack
-from tests.stack import Follower, Service, start_api, wait_for
+from tests.stack import Follower, RedisServer, Service, start_api, wait_for
 
 Followers = Callable[..., Follower]  # the followers fixture: followers(url, token=..., origin=...)
 ORDER = ["queued", "parsing", "ready", "processing_conversations", "finished"]
@@ -324,7 +324,8 @@ def test_websocket_declines_per_message_compression(stack: Stack) -> None:
     assert frame[2:3] == b"0", "engine.io's open packet"
 
 
-def test_room_index_agrees_with_the_room_table_through_joins_leaves_and_disconnects(redis_server) -> None:
+def test_room_index_agrees_with_the_room_table_through_joins_leaves_and_disconnects(
+        redis_server: RedisServer) -> None:
     """The API's room registry answers a socket's rooms from its own index (a disconnect no longer scans every
     room): after every step the index says what a scan of python-socketio's room table says, and a disconnect
     takes the socket out of every room while its neighbours stay where they were."""

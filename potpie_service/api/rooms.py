@@ -15,6 +15,8 @@ import socketio as python_socketio
 
 
 class IndexedRedisManager(python_socketio.RedisManager):
+    """RedisManager with `member_of[(namespace, sid)]`: the rooms each socket is in, kept with every join and leave."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.member_of: dict[tuple[str, str], set[Any]] = {}
