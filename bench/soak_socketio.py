@@ -278,7 +278,9 @@ def main() -> int:
     parser.add_argument("--followers-per-job", type=int, default=3, help="clients that join each job's room")
     parser.add_argument("--failing-share", type=float, default=0.1, help="share of jobs that fail (parse-error)")
     parser.add_argument("--parse-seconds", type=float, default=0.6, help="simulated parse time")
-    parser.add_argument("--worker-concurrency", type=int, default=2)
+    parser.add_argument("--worker-concurrency", type=int, default=None,
+                        help="worker pool size (default: the deployed WORKER_CONCURRENCY; on the gevent pool every job "
+                             "waiting for Potpie holds one, so a small pool cannot keep up with the submissions)")
     parser.add_argument("--api-threads", type=int, default=None, help="gunicorn threads (default: the service's)")
     parser.add_argument("--no-jobs", action="store_true", help="only connections and churn (isolates leaks)")
     parser.add_argument("--sample-every", type=float, default=5.0)
