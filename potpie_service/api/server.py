@@ -48,11 +48,14 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
 # The collector's thresholds in an API worker. An API holding 10,000 sockets holds ~1.9 million objects; with
 # CPython's defaults (700, 10, 10) a full collection ran every few seconds while they connected and now and then
 # afterwards, each a pause of 0.5-1.8 s on 2 cores, and submit p99 at 8 clients went from ~45 ms to ~1 s whenever
-# one fell in the measurement (bench/p5_fanout.py). Young collections every 50,000 allocations let a request's
+# one fell in the measurement (bench/p5_fanout.py). Young collections every 10,000 allocations let a request's
 # short-lived objects die before they are promoted, so the old generation grows by what really stays (sockets)
-# and full collections become rare. Young cycles still go at the next young collection; old ones (a closed
-# socket's) wait for the next full one, which the soak shows keeps RSS flat under reconnect churn.
-GC_THRESHOLDS = (50_000, 20, 10)
+# and full collections become rare. A larger young generation costs the tail without sockets: P1's p99 at 8
+# clients, four interleaved rounds each, median 9.7 ms with the defaults, 10.2 ms with these, 24.3 ms with
+# (50,000, 20, 10) (bench/NOTES.md). Old cycles (a closed socket's) wait for a full collection; the 30-minute
+# soak (bench/soak_socketio.py: 200 clients, 3 reconnects a second) kept RSS flat under that churn with
+# (50,000, 20, 10), which collects less often than these.
+GC_THRESHOLDS = (10_000, 10, 10)
 
 
 class JsonErrors:
