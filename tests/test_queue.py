@@ -12,7 +12,7 @@ import uuid
 import pytest
 import redis
 
-from potpie_service.config import Settings
+from potpie_service.config import Settings, parse_rate_limits
 from potpie_service.core.job import Job
 from potpie_service.queue import FirstSteps, dispatcher, make_celery
 from potpie_service.store.jobs import Durability, JobStore, NotReplicated
@@ -74,11 +74,13 @@ def test_a_submit_that_waits_for_replicas_enqueues_nothing_before_they_hold_the_
         redis.Redis.from_url(redis_server.url, decode_responses=True).brpop([queue], timeout=2)))
     worker.start()
     refused = Job(uuid.uuid4().hex, owner="o", repo="octocat/hello")
+    charge = durable.rate_limiter(parse_rate_limits("5/minute")).charge("key:o")
     with pytest.raises(NotReplicated):
-        durable.submit(refused, first_step=steps(refused.id))
+        durable.submit(refused, first_step=steps(refused.id), charge=charge)
     worker.join()
     assert seen == [None], "a worker could have started a job the API then refused"
     assert durable.get(refused.id) is None and client.llen(queue) == 0
+    assert charge.reply is not None and client.get(charge.keys[0]) == "1", "counted once: nothing counts it again"
 
     plain = JobStore(client, queue, 3, 60, 60)  # no replicas asked for: the script enqueues the first step itself
     job = Job(uuid.uuid4().hex, owner="o", repo="octocat/hello")

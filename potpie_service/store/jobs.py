@@ -144,12 +144,12 @@ class JobStore:
             pipe = self._redis.pipeline(transaction=False)
             self._scripts.call("submit", job_keys + rate_keys, client=pipe, raw=raw, **args)
             reply, acked = self._wait(pipe)
-            if reply[0] == "created" and acked < self.durability.replicas:
-                self._scripts.call("withdraw", [job_keys[0], *job_keys[1:3], *job_keys[4:]], prefix=keys.prefix,
-                                   max=self.max_concurrent, now=time.time(), id=job.id)
-                raise NotReplicated(acked, self.durability.replicas, self.durability.timeout_ms)
         if unpaid:
-            unpaid.reply = [int(value) for value in reply[4]]
+            unpaid.reply = [int(value) for value in reply[4]]  # counted, even if the job is taken back below
+        if self.durability.replicas and reply[0] == "created" and acked < self.durability.replicas:
+            self._scripts.call("withdraw", [job_keys[0], *job_keys[1:3], *job_keys[4:]], prefix=keys.prefix,
+                               max=self.max_concurrent, now=time.time(), id=job.id)
+            raise NotReplicated(acked, self.durability.replicas, self.durability.timeout_ms)
         if reply[0] != "created":
             return Submitted(reply[0], reply[1])
         return Submitted("created", reply[1], int(reply[2]) + 1, tuple(reply[3]))
