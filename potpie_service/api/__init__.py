@@ -26,7 +26,7 @@ from ..store import make_store
 from ..connections import socketio_manager_args, tls_problem
 from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
-from .context import EXTENSION, ApiContext, ConnectionCount, presented_key
+from .context import EXTENSION, ApiContext, ConnectionCount
 from .errors import ApiError, error_response
 from .headers import SecurityHeaders
 from .metrics import instrument
@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs_routes.bp)
     _install_hooks(app, settings)
     instrument(app, settings, store, count)  # /metrics data, request latency, access log
-    init_rate_limits(app, settings, auth, presented_key, store)
+    init_rate_limits(app, settings, auth, store)
     app.wsgi_app = SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]
     if settings.trusted_proxies:  # client IP and scheme from X-Forwarded-* set by that many proxies in front
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]

@@ -58,12 +58,20 @@ def presented_key() -> str | None:
     return request.headers.get("X-API-Key")
 
 
+def caller_owner() -> str | None:
+    """The owner of the presented key (None: no valid key), worked out once per request (the rate limit and the
+    view both ask)."""
+    if "caller_owner" not in g:
+        g.caller_owner = context().auth.owner(presented_key())
+    owner: str | None = g.caller_owner
+    return owner
+
+
 def require_owner() -> str:
     """The caller's owner name, or 401."""
-    owner = context().auth.owner(presented_key())
+    owner = caller_owner()
     if owner is None:
         raise Unauthorized("A valid API key is required (Authorization: Bearer <key> or X-API-Key)")
-    g.owner = owner
     return owner
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 from flask import Flask, Response, g, request
 
@@ -19,6 +19,7 @@ from ..config import Settings
 from ..core.errors import RateLimited
 from ..store.jobs import JobStore
 from ..store.ratelimit import Charge, RateLimiter, Verdict
+from .context import caller_owner
 from .errors import TooManyRequests, error_response
 
 log = logging.getLogger(__name__)
@@ -29,20 +30,20 @@ LIMITED_ENDPOINTS = frozenset({"api.analyze", "jobs.retry"})
 COUNTED_BY_SUBMIT = frozenset({"api.analyze"})
 
 
-def client_identity(auth: Authenticator, presented_key: Callable[[], str | None]) -> str:
+def client_identity(auth: Authenticator) -> str:
     """The bucket a request counts against: its key's owner, else its IP (also when auth is disabled)."""
-    owner = None if auth.disabled else auth.owner(presented_key())
+    owner = None if auth.disabled else caller_owner()
     return f"key:{owner}" if owner else f"ip:{request.remote_addr or 'unknown'}"
 
 
 def rate_charge() -> Charge | None:
-    """This request's rate-limit charge for the submit script to count (None: RATE_LIMIT=off, or counted)."""
+    """This request's rate-limit charge, for the submit script to count unless it is counted already (None:
+    RATE_LIMIT=off)."""
     charge: Charge | None = g.get("rate_charge")
-    return charge if charge is not None and charge.reply is None else None
+    return charge
 
 
-def init_rate_limits(app: Flask, settings: Settings, auth: Authenticator, presented_key: Callable[[], str | None],
-                     store: JobStore) -> RateLimiter | None:
+def init_rate_limits(app: Flask, settings: Settings, auth: Authenticator, store: JobStore) -> RateLimiter | None:
     """Apply RATE_LIMIT to the job-creating endpoints (None when RATE_LIMIT=off)."""
     if not settings.rate_limit:
         log.warning("RATE_LIMIT=off: job creation is not rate limited")
@@ -58,7 +59,7 @@ def init_rate_limits(app: Flask, settings: Settings, auth: Authenticator, presen
     def count() -> Any:
         if request.endpoint not in LIMITED_ENDPOINTS or request.method == "OPTIONS":
             return None
-        identity = client_identity(auth, presented_key)
+        identity = client_identity(auth)
         g.rate_charge = charge = limiter.charge(identity)
         if request.endpoint in COUNTED_BY_SUBMIT and (auth.disabled or identity.startswith("key:")):
             return None  # counted by the submit script, or by `headers` below if the request never gets there

@@ -139,7 +139,7 @@ class JobStore:
                     step_event_channel=step.event_channel, **rate)
         raw = (step.body, step.event)
         if not self.durability.replicas:
-            reply = self._scripts.call("submit", job_keys + rate_keys, raw=raw, **args)
+            reply, acked = self._scripts.call("submit", job_keys + rate_keys, raw=raw, **args), 0
         else:
             pipe = self._redis.pipeline(transaction=False)
             self._scripts.call("submit", job_keys + rate_keys, client=pipe, raw=raw, **args)

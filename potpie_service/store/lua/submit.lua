@@ -7,24 +7,25 @@
 -- ARGV[2]: the first step's message ('' for none), ARGV[3]: its task-sent event
 -- Returns {outcome, job id, rank, admitted, rate counts}; over a rate limit nothing is stored ('limited').
 local rate = {}
+local function found(outcome, id) return {outcome, id, -1, {}, rate} end  -- no job created
 if #KEYS > 9 then
   rate = hit_limits({unpack(KEYS, 10)}, a.rate_windows_ms)
   for i, amount in ipairs(a.rate_amounts) do
-    if rate[2 * i - 1] > amount then return {'limited', '', -1, {}, rate} end
+    if rate[2 * i - 1] > amount then return found('limited', '') end
   end
 end
 if a.use_idempotency then
   local seen = redis.call('HMGET', KEYS[7], 'job_id', 'hash')
   if seen[1] then
-    if seen[2] ~= a.request_hash then return {'conflict', seen[1], -1, {}, rate} end
-    return {'replayed', seen[1], -1, {}, rate}
+    if seen[2] ~= a.request_hash then return found('conflict', seen[1]) end
+    return found('replayed', seen[1])
   end
 end
 if a.use_dedup then
   local other = redis.call('GET', KEYS[8])
   if other then
     local status = redis.call('HGET', job_key(other), 'status')
-    if status and not TERMINAL[status] then return {'duplicate', other, -1, {}, rate} end
+    if status and not TERMINAL[status] then return found('duplicate', other) end
   end
 end
 local ticket = redis.call('INCR', KEYS[4])
