@@ -17,6 +17,7 @@ from ..core.events import Event
 from ..core.job import Job, JobUpdate, to_hash
 from ..core.model import JobStatus
 from ..core.submission import StepMessage
+from .batch import GroupCommit
 from .broadcast import Broadcast, broadcast
 from .keys import Keys
 from .metrics import MetricsRecorder, MetricsSnapshot, read_snapshot
@@ -103,6 +104,7 @@ class JobStore:
         self.ttl = {JobStatus.FINISHED: ttl_completed, JobStatus.FAILED: ttl_failed,
                     JobStatus.CANCELLED: ttl_failed}
         self._scripts = Scripts(client)
+        self._group = GroupCommit(client)
 
     @property
     def channel(self) -> str:
@@ -139,7 +141,7 @@ class JobStore:
                     step_event_channel=step.event_channel, **rate)
         raw = (step.body, step.event)
         if not self.durability.replicas:
-            reply, acked = self._scripts.call("submit", job_keys + rate_keys, raw=raw, **args), 0
+            reply, acked = self._grouped("submit", job_keys + rate_keys, raw, args), 0
         else:
             pipe = self._redis.pipeline(transaction=False)
             self._scripts.call("submit", job_keys + rate_keys, client=pipe, raw=raw, **args)
@@ -187,6 +189,14 @@ class JobStore:
         _, acked = self._wait(pipe)
         if acked < self.durability.replicas:
             raise NotReplicated(acked, self.durability.replicas, self.durability.timeout_ms)
+
+    def _grouped(self, name: str, keys: list[str], raw: tuple[str, ...], args: dict[str, Any]) -> Any:
+        """Run a script in the next group commit; once more, on its own, if Redis had forgotten it."""
+        script = self._scripts[name]
+        try:
+            return self._group.run(lambda pipe: script.queue(pipe, keys, raw, **args))
+        except redis.exceptions.NoScriptError:
+            return script(keys, raw=raw, **args)
 
     def _wait(self, pipe: Any) -> tuple[Any, int]:
         """Run a pipeline of one write, then WAIT on its connection; (the write's reply, replicas that have it)."""

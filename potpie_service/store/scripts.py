@@ -32,6 +32,12 @@ class Lua:
         ARGV[2], ... as they are (a large JSON text is not escaped into the arguments' JSON, then decoded)."""
         return self._script(keys=keys, args=[json.dumps(args, separators=(",", ":")), *raw], client=client)
 
+    def queue(self, pipe: Any, keys: list[str], raw: tuple[str, ...] = (), **args: Any) -> None:
+        """Put one EVALSHA on `pipe`, without the SCRIPT EXISTS round trip redis-py makes for a script on a
+        pipeline: a NOSCRIPT reply (Redis restarted, or flushed its scripts) is the caller's to handle."""
+        pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys,
+                             json.dumps(args, separators=(",", ":")), *raw)
+
 
 class Scripts:
     """The job store's scripts."""
@@ -44,3 +50,7 @@ class Scripts:
     def call(self, name: str, keys: list[str], client: Any = None, raw: tuple[str, ...] = (), **args: Any) -> Any:
         """Run script `name` on `keys` with the named arguments (on `client`: a pipeline, to batch)."""
         return self._scripts[name](keys, client=client, raw=raw, **args)
+
+    def __getitem__(self, name: str) -> Lua:
+        """Script `name` itself."""
+        return self._scripts[name]
