@@ -110,7 +110,7 @@ def test_a_sender_that_dies_mid_batch_leaves_no_follower_without_an_answer(redis
             except redis.ConnectionError as exc:
                 outcomes.append(str(exc))
     first.join()
-    assert sorted(map(str, outcomes)) == sorted(["killed"] + ["the batch this command was in did not complete"] * 2)
+    assert sorted(map(str, outcomes)) == sorted(["killed"] + ["the batch it was in did not complete"] * 2)
     assert group.run(lambda pipe: pipe.execute_command("INCR", "m")) == 1, "the next call goes through"
 
 

@@ -47,11 +47,11 @@ class GroupCommit:
             try:
                 self._send(batch)
             finally:
-                interrupted = redis.exceptions.ConnectionError("the batch this command was in did not complete")
                 with self._turn:
                     for waiting in batch:  # a sender killed mid-batch must not leave its followers without a reply
                         if not waiting.done:
-                            waiting.reply, waiting.done = interrupted, True
+                            waiting.reply = redis.exceptions.ConnectionError("the batch it was in did not complete")
+                            waiting.done = True
                     self._sending = False
                     self._turn.notify_all()
         if isinstance(call.reply, Exception):
@@ -61,16 +61,11 @@ class GroupCommit:
     def _send(self, batch: list[_Call]) -> None:
         """Send the batch as one pipeline; mark each call done with its reply or its error."""
         pipe = self._client.pipeline(transaction=False)
-        queued = []
         for call in batch:
-            try:
-                call.queue(pipe)
-                queued.append(call)
-            except Exception as exc:  # a command that cannot even be built fails alone
-                call.reply, call.done = exc, True
+            call.queue(pipe)
         try:
-            replies = pipe.execute(raise_on_error=False) if queued else []
+            replies = pipe.execute(raise_on_error=False)
         except redis.exceptions.RedisError as exc:  # the connection: every command in the batch fails with it
-            replies = [exc] * len(queued)
-        for call, reply in zip(queued, replies):
+            replies = [exc] * len(batch)
+        for call, reply in zip(batch, replies):
             call.reply, call.done = reply, True
