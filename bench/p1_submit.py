@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> Report:
     """Interleaved rounds of the baselines and ours at 50 clients; then latency at 8 clients.
 
     Ours runs as deployed: API keys on and the rate limiter on (with a limit no client reaches, so every request
-    pays for its Redis counter); as many rounds with RATE_LIMIT=off show what the limiter costs.
+    pays for its Redis counter); as many rounds with RATE_LIMIT=off show what the limiter costs, and as many with
+    ACCESS_LOG=errors what the access line costs.
     """
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: `make bench` installs it (scripts/ensure-tool.sh)")
@@ -118,15 +119,17 @@ def run(args: argparse.Namespace) -> Report:
     api = start_api(env, "bench-p1-api")
     unlimited = start_api(bench_env(server.url, "http://127.0.0.1:9", queue + "-off", RATE_LIMIT="off", **common),
                           "bench-p1-api-nolimit")
+    quiet = start_api(bench_env(server.url, "http://127.0.0.1:9", queue, RATE_LIMIT="100000000/minute",
+                                ACCESS_LOG="errors", **common), "bench-p1-api-errors")
     second = start_api(env, "bench-p1-api2")
     client = redis.Redis.from_url(server.url, decode_responses=True)
     for name in (queue, queue + "-off"):  # as on a service that has finished jobs: ETAs have durations to use
         client.lpush(f"psvc:{name}:durations", *(30.0 + i for i in range(50)))
     try:
-        for service in (api, unlimited, second):
+        for service in (api, unlimited, second, quiet):
             wrk(service.url, 50, 2, service.proc.pid)  # warm-up: threads, connection pools, Lua scripts loaded
         base_queue = queue + "-baseline"
-        bases, ours, services, offs, ceilings = [], [], [], [], []
+        bases, ours, services, offs, quiets, ceilings = [], [], [], [], [], []
         for _ in range(args.rounds):
             bases.append(baseline_rate(server.url, base_queue, args.seconds))
             ceilings.append(wrk_ceiling(api.url))
@@ -136,6 +139,7 @@ def run(args: argparse.Namespace) -> Report:
             result["enqueued"] = client.llen(queue) - queued_before
             ours.append(result)
             offs.append(wrk(unlimited.url, 50, args.seconds, unlimited.proc.pid)["rate"])
+            quiets.append(wrk(quiet.url, 50, args.seconds, quiet.proc.pid)["rate"])
         with ThreadPoolExecutor(2) as pool:  # the same 50 clients split over two API processes
             pair = list(pool.map(lambda s: wrk(s.url, 25, args.seconds, s.proc.pid), (api, second)))
         best = max(ours, key=lambda r: r["rate"])
@@ -146,6 +150,7 @@ def run(args: argparse.Namespace) -> Report:
         api.stop()
         unlimited.stop()
         second.stop()
+        quiet.stop()
         server.cleanup()
     base, ceiling, per_host = max(bases), max(ceilings), sum(r["rate"] for r in pair)
     clean = errors == 0 and lost == 0
@@ -163,6 +168,7 @@ def run(args: argparse.Namespace) -> Report:
         "rounds (the service's own dispatcher in a bare loop, jobs/s)": ", ".join(f"{b:.0f}" for b in services),
         "rounds (ours req/s)": ", ".join(f"{r['rate']:.0f}" for r in ours),
         "rounds (ours with RATE_LIMIT=off, req/s)": ", ".join(f"{r:.0f}" for r in offs),
+        "rounds (ours with ACCESS_LOG=errors, req/s)": ", ".join(f"{r:.0f}" for r in quiets),
         "ours on two API processes, 25 clients each (req/s)": " + ".join(f"{r['rate']:.0f}" for r in pair),
         "API CPU on two processes (cores, each)": " + ".join(f"{r['api_cpu']:.2f}" for r in pair),
         "non-2xx responses / accepted but not enqueued": f"{errors} / {lost}",

@@ -180,6 +180,7 @@ class Settings:
     queue_name: str = _env("QUEUE_NAME", "potpie-analysis")
     log_level: str = _env("LOG_LEVEL", "info", _choice("debug", "info", "warning", "error", "critical"))
     log_format: str = _env("LOG_FORMAT", "json", _choice("json", "text"))
+    access_log: str = _env("ACCESS_LOG", "all", _choice("all", "errors", "off"))
     job_ttl_completed: int = _env("JOB_TTL_COMPLETED", "86400", _int(1))
     job_ttl_failed: int = _env("JOB_TTL_FAILED", "604800", _int(1))
     socketio_async_mode: str = _env("SOCKETIO_ASYNC_MODE", "gevent", _choice("gevent", "threading"))

@@ -18,6 +18,7 @@ _SECRET_PATTERNS = [
     re.compile(r"(rediss?://[^:/@\s]*:)([^@\s]+)(@)"),
 ]
 _EXTRA_FIELDS = ("job_id", "request_id", "seq", "event", "method", "route", "path", "status", "duration_ms")
+_CLIENT_FIELDS = frozenset({"path", "request_id"})  # extras a client chose: masked like the message
 
 # The request (API) or job (worker task) being handled by this thread; stamped on every record logged meanwhile.
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -55,7 +56,8 @@ class JsonFormatter(logging.Formatter):
         }
         for name in _EXTRA_FIELDS:
             if hasattr(record, name):
-                entry[name] = getattr(record, name)
+                value = getattr(record, name)
+                entry[name] = mask(value) if name in _CLIENT_FIELDS and isinstance(value, str) else value
         if record.exc_info:
             entry["exception"] = mask(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)

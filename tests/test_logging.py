@@ -66,15 +66,17 @@ def _deploy(redis_server: RedisServer, simulator, name: str, worker: bool, **ove
 
 @pytest.fixture(scope="module")
 def deployments(redis_server: RedisServer, simulator) -> Iterator[dict[str, Deployment]]:
-    """JSON at info (worker + API), text at info (API), JSON at warning (worker + API); started side by side."""
+    """JSON at info (worker + API), text at info (API), JSON at warning (worker + API), access lines for errors
+    only (API); started side by side."""
     specs = {"json": ("logjson", True, {}), "text": ("logtext", False, {"LOG_FORMAT": "text"}),
-             "warning": ("logwarn", True, {"LOG_LEVEL": "warning"})}
-    with ThreadPoolExecutor(3) as pool:
+             "warning": ("logwarn", True, {"LOG_LEVEL": "warning"}),
+             "errors": ("logerrors", False, {"ACCESS_LOG": "errors"})}
+    with ThreadPoolExecutor(4) as pool:
         futures = {key: pool.submit(_deploy, redis_server, simulator, name, worker, **overrides)
                    for key, (name, worker, overrides) in specs.items()}
         running = {key: future.result() for key, future in futures.items()}
     yield running
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(4) as pool:
         list(pool.map(Deployment.stop, running.values()))
 
 
@@ -120,6 +122,40 @@ def test_api_access_lines_carry_the_request_id(deployments: dict[str, Deployment
     queued = [r for r in records if r.get("job_id") == job_id and r["logger"] == "potpie_service.service"]
     assert queued and all(r["request_id"] == "req-abc-123" for r in queued)  # lines logged while serving it
     assert not any(SIM_KEY in line for line in deployment.lines(deployment.api))
+
+
+def test_a_token_in_the_path_or_the_request_id_is_masked_in_the_access_line(deployments: dict[str, Deployment]) -> None:
+    deployment = deployments["json"]
+    token = "ghp_" + uuid.uuid4().hex
+    response = requests.get(f"{deployment.url}/status/{token}", headers={"X-Request-ID": token}, timeout=5)
+    assert response.status_code == 404
+    records = _records(deployment.lines(deployment.api))
+    assert not any(token in line for line in deployment.lines(deployment.api))
+    assert any(r["logger"] == "potpie_service.access" and (r["path"], r["request_id"]) == ("/status/***", "***")
+               for r in records), records[-3:]
+
+
+def test_access_log_errors_keeps_only_the_failed_requests(deployments: dict[str, Deployment]) -> None:
+    deployment = deployments["errors"]
+    submitted = requests.post(deployment.url + "/analyze", json={"repo": f"octocat/log-{uuid.uuid4().hex[:6]}"},
+                              headers={"X-Request-ID": "errors-ok-1"}, timeout=5)
+    assert submitted.status_code == 202, submitted.text
+    assert requests.get(deployment.url + "/", headers={"X-Request-ID": "errors-ok-2"}, timeout=5).status_code == 200
+    missing = requests.get(f"{deployment.url}/status/{uuid.uuid4().hex}", headers={"X-Request-ID": "errors-404"},
+                           timeout=5)
+    bad = requests.post(deployment.url + "/analyze", json={"repo": "no slash"}, headers={"X-Request-ID": "errors-400"},
+                        timeout=5)
+    assert (missing.status_code, bad.status_code) == (404, 400)
+    wait_for(lambda: any(r.get("request_id") == "errors-400" for r in _records(deployment.lines(deployment.api))), 5,
+             what="the 400's access line")
+    records = _records(deployment.lines(deployment.api))
+    access = {r["request_id"]: r["status"] for r in records if r["logger"] == "potpie_service.access"}
+    assert access == {"errors-404": 404, "errors-400": 400}
+    job_id = submitted.json()["job_id"]
+    assert any(r.get("job_id") == job_id and r["request_id"] == "errors-ok-1" and r["message"].startswith("job queued")
+               for r in records)  # the service's own lines stay: ACCESS_LOG is about the access lines only
+    metrics = requests.get(deployment.url + "/metrics", timeout=5).text
+    assert 'potpie_http_request_duration_seconds_count{method="POST",route="/analyze",status="202"} 1.0' in metrics
 
 
 def test_text_format_is_plain_text_with_the_request_id(deployments: dict[str, Deployment]) -> None:

@@ -130,13 +130,16 @@ class ApiMetrics:
 
 
 QUIET_ROUTES = frozenset({"/livez", "/metrics"})
+# ACCESS_LOG: the lowest status that gets an access line. Every request is measured in the metrics either way.
+ACCESS_LOG_FLOOR = {"all": 0, "errors": 400, "off": 600}
 
 
 def instrument(app: Flask, settings: Settings, store: JobStore, sockets: Any) -> ApiMetrics:
-    """Attach the metrics to the app; time every request, log one access line for it, tag its log lines."""
+    """Attach the metrics to the app; time every request, log its access line (as ACCESS_LOG says), tag its logs."""
     metrics = ApiMetrics(settings, store, sockets)
     app.extensions["metrics"] = metrics
     access = logging.getLogger("potpie_service.access")
+    floor = ACCESS_LOG_FLOOR[settings.access_log]
 
     @app.before_request
     def bind() -> None:
@@ -148,12 +151,13 @@ def instrument(app: Flask, settings: Settings, store: JobStore, sockets: Any) ->
         started = g.get("started") or g.get("metrics_started") or time.perf_counter()
         seconds = time.perf_counter() - started
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.observe_request(request.method, route, response.status_code, seconds)
-        if route in QUIET_ROUTES and response.status_code < 400:
-            return response  # probes and scrapes: measured above, not worth a log line each
-        access.info("%s %s %s %.1f ms", request.method, route, response.status_code, seconds * 1000,
+        status = response.status_code
+        metrics.observe_request(request.method, route, status, seconds)
+        if status < floor or (route in QUIET_ROUTES and status < 400):
+            return response  # probes and scrapes (and more, as ACCESS_LOG says): measured above, not logged
+        access.info("%s %s %s %.1f ms", request.method, route, status, seconds * 1000,
                     extra={"method": request.method, "route": route, "path": request.path,
-                           "status": response.status_code, "duration_ms": round(seconds * 1000, 2),
+                           "status": status, "duration_ms": round(seconds * 1000, 2),
                            "request_id": g.get("request_id")})
         return response
 
