@@ -160,7 +160,7 @@ def test_every_bad_value_is_named_at_once_and_secrets_are_hidden() -> None:
         Settings.from_env({"PORT": "80a", "REDIS_TLS_ENABLED": "maybe", "REDIS_URL": "http://secret@x",
                            "MAX_CONCURRENT_JOBS": "0", "TOKEN_ENCRYPTION_KEY": "short", "ACCESS_LOG": "sometimes"})
     message = str(info.value)
-    assert "ACCESS_LOG=sometimes: expected one of all, errors, off" in message
+    assert "ACCESS_LOG='sometimes': expected one of all, errors, off" in message
     for name in ("PORT", "REDIS_TLS_ENABLED", "REDIS_URL", "MAX_CONCURRENT_JOBS", "TOKEN_ENCRYPTION_KEY"):
         assert name in message
     assert "secret@x" not in message
