@@ -17,6 +17,13 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def presented_key(authorization: str, api_key: str | None) -> str | None:
+    """The API key a request presents: `Authorization: Bearer <key>`, else `X-API-Key`."""
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return api_key
+
+
 def new_key(name: str) -> tuple[str, str]:
     """A new client key and its API_KEYS entry `name:hash`; ValueError for a name API_KEYS cannot hold."""
     if not re.fullmatch(OWNER_NAME, name):

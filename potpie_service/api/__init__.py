@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import uuid
 from typing import Any
 
 import redis
@@ -28,10 +27,11 @@ from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
 from .context import EXTENSION, ApiContext, ConnectionCount
 from .errors import ApiError, error_response
-from .headers import SecurityHeaders
+from .headers import SecurityHeaders, cors_headers, request_id_of
 from .metrics import instrument
 from .ratelimit import init_rate_limits
 from .rooms import IndexedRedisManager
+from .submit_path import SubmitPath
 from .websocket import decline_compression
 
 log = logging.getLogger(__name__)
@@ -56,23 +56,17 @@ def _socket_origins(configured: tuple[str, ...]) -> Any:
 
 
 def _install_hooks(app: Flask, settings: Settings) -> None:
-    origins = set(settings.cors_origins)
+    origins = frozenset(settings.cors_origins)
 
     @app.before_request
     def start() -> None:
         g.started = time.perf_counter()
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+        g.request_id = request_id_of(request.headers.get("X-Request-ID", ""))
 
     @app.after_request
     def finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "")
-        origin = request.headers.get("Origin")
-        if origin and ("*" in origins or origin in origins):
-            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-API-Key"
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-            response.headers["Vary"] = "Origin"
+        response.headers.update(cors_headers(request.headers.get("Origin"), origins))
         return response
 
     @app.errorhandler(ServiceError)
@@ -137,8 +131,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     sockets.register(socketio, service, auth, count)
     app.register_blueprint(jobs_routes.bp)
     _install_hooks(app, settings)
-    instrument(app, settings, store, count)  # /metrics data, request latency, access log
-    init_rate_limits(app, settings, auth, store)
+    metrics = instrument(app, settings, store, count)  # /metrics data, request latency, access log
+    limiter = init_rate_limits(app, settings, auth, store)
+    app.wsgi_app = SubmitPath(app.wsgi_app, service, auth, limiter, metrics,  # type: ignore[method-assign]
+                              app.json, frozenset(settings.cors_origins))
     app.wsgi_app = SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]
     if settings.trusted_proxies:  # client IP and scheme from X-Forwarded-* set by that many proxies in front
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ from typing import Any
 from flask import current_app, g, request
 from flask_socketio import SocketIO
 
+from .. import auth
 from ..auth import Authenticator
 from ..config import Settings
 from ..core.errors import ValidationError
@@ -52,10 +53,7 @@ def context() -> ApiContext:
 
 def presented_key() -> str | None:
     """The API key from `Authorization: Bearer` or `X-API-Key`."""
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.headers.get("X-API-Key")
+    return auth.presented_key(request.headers.get("Authorization", ""), request.headers.get("X-API-Key"))
 
 
 def caller_owner() -> str | None:

@@ -55,11 +55,17 @@ def error_body(error: ServiceError) -> dict[str, Any]:
     return {"success": False, "error": error.error, "details": error.details}
 
 
+def error_headers(error: ServiceError) -> dict[str, str]:
+    """The headers an error answer carries besides the JSON body's."""
+    if isinstance(error, Unauthorized):
+        return {"WWW-Authenticate": 'Bearer realm="potpie-service"'}
+    if isinstance(error, Unavailable):  # Redis away or failing over: worth another try soon
+        return {"Retry-After": "2"}
+    return {}
+
+
 def error_response(error: ServiceError) -> tuple[Response, int]:
     """The JSON response for an error."""
     response = jsonify(error_body(error))
-    if isinstance(error, Unauthorized):
-        response.headers["WWW-Authenticate"] = 'Bearer realm="potpie-service"'
-    if isinstance(error, Unavailable):  # Redis away or failing over: worth another try soon
-        response.headers["Retry-After"] = "2"
+    response.headers.update(error_headers(error))
     return response, status_of(error)

@@ -1,7 +1,9 @@
-"""The security headers every answer carries, engine.io's and gunicorn's own rejections included."""
+"""The headers of the API's answers: the security headers every answer carries (engine.io's and gunicorn's own
+rejections included), the request id and CORS."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
@@ -27,3 +29,17 @@ class SecurityHeaders:
             return start_response(status, headers, exc_info)
 
         return self.app(environ, start)
+
+
+def request_id_of(incoming: str) -> str:
+    """The request's id: the client's X-Request-ID when short and printable, else a new one."""
+    return incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+
+
+def cors_headers(origin: str | None, allowed: frozenset[str]) -> dict[str, str]:
+    """CORS headers for a request from `origin` when CORS_ORIGINS lets it in (none otherwise)."""
+    if not origin or ("*" not in allowed and origin not in allowed):
+        return {}
+    return {"Access-Control-Allow-Origin": "*" if "*" in allowed else origin,
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, X-API-Key",
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS", "Vary": "Origin"}

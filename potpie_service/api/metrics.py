@@ -21,6 +21,10 @@ from ..core.metrics import FAMILIES, HTTP_BUCKETS, KNOWN_CLASSES
 from ..store.jobs import JobStore
 
 log = logging.getLogger(__name__)
+ACCESS = logging.getLogger("potpie_service.access")
+QUIET_ROUTES = frozenset({"/livez", "/metrics"})
+# ACCESS_LOG: the lowest status that gets an access line. Every request is measured in the metrics either way.
+ACCESS_LOG_FLOOR = {"all": 0, "errors": 400, "off": 600}
 
 
 def _families(raw: dict[str, str]) -> Iterator[Metric]:
@@ -103,6 +107,7 @@ class ApiMetrics:
 
     def __init__(self, settings: Settings, store: JobStore, sockets: Any) -> None:
         self.token = settings.metrics_token
+        self.access_floor = ACCESS_LOG_FLOOR[settings.access_log]
         disable_created_metrics()  # no `_created` twin for every series (process-wide; the API is its own process)
         self.registry = CollectorRegistry()
         self.http = Histogram("potpie_http_request_duration_seconds", "HTTP requests served by this API process, "
@@ -124,22 +129,25 @@ class ApiMetrics:
         """Count one HTTP request of this process."""
         self.http.labels(method, route, str(status)).observe(seconds)
 
+    def finished(self, method: str, route: str, path: str, status: int, seconds: float,
+                 request_id: str | None) -> None:
+        """Count a request and write its access line, as ACCESS_LOG says (every answer goes through here)."""
+        self.observe_request(method, route, status, seconds)
+        if status < self.access_floor or (route in QUIET_ROUTES and status < 400):
+            return  # probes and scrapes (and more, as ACCESS_LOG says): measured above, not logged
+        ACCESS.info("%s %s %s %.1f ms", method, route, status, seconds * 1000,
+                    extra={"method": method, "route": route, "path": path, "status": status,
+                           "duration_ms": round(seconds * 1000, 2), "request_id": request_id})
+
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
-
-
-QUIET_ROUTES = frozenset({"/livez", "/metrics"})
-# ACCESS_LOG: the lowest status that gets an access line. Every request is measured in the metrics either way.
-ACCESS_LOG_FLOOR = {"all": 0, "errors": 400, "off": 600}
 
 
 def instrument(app: Flask, settings: Settings, store: JobStore, sockets: Any) -> ApiMetrics:
     """Attach the metrics to the app; time every request, log its access line (as ACCESS_LOG says), tag its logs."""
     metrics = ApiMetrics(settings, store, sockets)
     app.extensions["metrics"] = metrics
-    access = logging.getLogger("potpie_service.access")
-    floor = ACCESS_LOG_FLOOR[settings.access_log]
 
     @app.before_request
     def bind() -> None:
@@ -151,14 +159,7 @@ def instrument(app: Flask, settings: Settings, store: JobStore, sockets: Any) ->
         started = g.get("started") or g.get("metrics_started") or time.perf_counter()
         seconds = time.perf_counter() - started
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        status = response.status_code
-        metrics.observe_request(request.method, route, status, seconds)
-        if status < floor or (route in QUIET_ROUTES and status < 400):
-            return response  # probes and scrapes (and more, as ACCESS_LOG says): measured above, not logged
-        access.info("%s %s %s %.1f ms", request.method, route, status, seconds * 1000,
-                    extra={"method": request.method, "route": route, "path": request.path,
-                           "status": status, "duration_ms": round(seconds * 1000, 2),
-                           "request_id": g.get("request_id")})
+        metrics.finished(request.method, route, request.path, response.status_code, seconds, g.get("request_id"))
         return response
 
     @app.teardown_request

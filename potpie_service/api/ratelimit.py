@@ -30,10 +30,34 @@ LIMITED_ENDPOINTS = frozenset({"api.analyze", "jobs.retry"})
 COUNTED_BY_SUBMIT = frozenset({"api.analyze"})
 
 
-def client_identity(auth: Authenticator) -> str:
+def identity(auth: Authenticator, owner: str | None, remote_addr: str | None) -> str:
     """The bucket a request counts against: its key's owner, else its IP (also when auth is disabled)."""
-    owner = None if auth.disabled else caller_owner()
-    return f"key:{owner}" if owner else f"ip:{request.remote_addr or 'unknown'}"
+    return f"key:{owner}" if owner and not auth.disabled else f"ip:{remote_addr or 'unknown'}"
+
+
+def client_identity(auth: Authenticator) -> str:
+    """This request's bucket (see `identity`)."""
+    return identity(auth, None if auth.disabled else caller_owner(), request.remote_addr)
+
+
+def counted_by_submit(auth: Authenticator, bucket: str) -> bool:
+    """Whether the submit script counts this `POST /analyze` (its caller known), not the request hooks."""
+    return auth.disabled or bucket.startswith("key:")
+
+
+def refusal(verdict: Verdict) -> TooManyRequests:
+    """The 429 for a caller over `verdict`'s limit."""
+    return TooManyRequests("Too many requests: slow down and retry after the time in the Retry-After header",
+                           limit=verdict.limit.text)
+
+
+def limit_headers(verdict: Verdict) -> dict[str, str]:
+    """The X-RateLimit headers of an answer (and Retry-After when the caller is over the limit)."""
+    headers = {"X-RateLimit-Limit": str(verdict.limit.amount), "X-RateLimit-Remaining": str(verdict.remaining),
+               "X-RateLimit-Reset": str(math.ceil(verdict.reset_at))}
+    if not verdict.allowed:
+        headers["Retry-After"] = str(max(1, math.ceil(verdict.reset_at - time.time())))
+    return headers
 
 
 def rate_charge() -> Charge | None:
@@ -50,37 +74,27 @@ def init_rate_limits(app: Flask, settings: Settings, auth: Authenticator, store:
         return None
     limiter = store.rate_limiter(settings.rate_limit)
 
-    def refusal(verdict: Verdict) -> Any:
-        return error_response(TooManyRequests(
-            "Too many requests: slow down and retry after the time in the Retry-After header",
-            limit=verdict.limit.text))
-
     @app.before_request
     def count() -> Any:
         if request.endpoint not in LIMITED_ENDPOINTS or request.method == "OPTIONS":
             return None
-        identity = client_identity(auth)
-        g.rate_charge = charge = limiter.charge(identity)
-        if request.endpoint in COUNTED_BY_SUBMIT and (auth.disabled or identity.startswith("key:")):
+        bucket = client_identity(auth)
+        g.rate_charge = charge = limiter.charge(bucket)
+        if request.endpoint in COUNTED_BY_SUBMIT and counted_by_submit(auth, bucket):
             return None  # counted by the submit script, or by `headers` below if the request never gets there
         # a request without a valid key is counted (and refused) at once: guessing keys is limited too
         verdict = limiter.verdict(charge)
-        return None if verdict.allowed else refusal(verdict)
+        return None if verdict.allowed else error_response(refusal(verdict))
 
     @app.errorhandler(RateLimited)
     def limited(_error: RateLimited) -> Any:  # the submit script found the caller over a limit
-        return refusal(limiter.verdict(g.rate_charge))
+        return error_response(refusal(limiter.verdict(g.rate_charge)))
 
     @app.after_request
     def headers(response: Response) -> Response:
         charge: Charge | None = g.get("rate_charge")
-        if charge is not None:
-            verdict = limiter.verdict(charge)  # counts it now if it was refused before the submit script
-            response.headers["X-RateLimit-Limit"] = str(verdict.limit.amount)
-            response.headers["X-RateLimit-Remaining"] = str(verdict.remaining)
-            response.headers["X-RateLimit-Reset"] = str(math.ceil(verdict.reset_at))
-            if not verdict.allowed:
-                response.headers["Retry-After"] = str(max(1, math.ceil(verdict.reset_at - time.time())))
+        if charge is not None:  # counts it now if it was refused before the submit script
+            response.headers.update(limit_headers(limiter.verdict(charge)))
         return response
 
     return limiter
