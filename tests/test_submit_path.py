@@ -4,12 +4,16 @@ shape, and every request it hands on reaches the view whole and is counted once.
 
 from __future__ import annotations
 
+import uuid
 from typing import Iterator
 
+import flask
 import pytest
 import requests
 
+from potpie_service.api import create_app
 from potpie_service.auth import new_key
+from potpie_service.config import Settings
 from potpie_service.store.keys import Keys
 from tests.conftest import Stack, make_stack
 
@@ -85,3 +89,28 @@ def test_counted_once_whichever_answers_and_refused_over_the_limit_with_nothing_
         assert "octocat/over" not in stored and {"octocat/count-1", "octocat/count-3"} <= set(stored)
     finally:
         stack.stop()
+
+
+def test_the_layer_answers_a_well_formed_submit_and_hands_the_view_the_rest(redis_server) -> None:
+    """In-process, the view swapped for a marker: a 202 with the marker absent was the layer's; a refusal the
+    layer does not write reaches the view with the body it was sent."""
+    app = create_app(Settings.from_env({"REDIS_URL": redis_server.url, "QUEUE_NAME": f"q-lean-{uuid.uuid4().hex[:6]}",
+                                        "AUTH_DISABLED": "false", "API_KEYS": ENTRY, "DEDUP_ENABLED": "false",
+                                        "SOCKETIO_ASYNC_MODE": "threading"}))
+    seen: list[bytes] = []
+
+    def marker() -> tuple[str, int]:
+        seen.append(flask.request.get_data())
+        return "the view", 299
+
+    app.view_functions["api.analyze"] = marker
+    client = app.test_client()
+    taken = client.post("/analyze", data=b'{"repo": "octocat/lean-c"}',
+                        headers={"Content-Type": TAKEN, "X-API-Key": KEY})
+    assert taken.status_code == 202 and taken.get_json()["status"] == "queued" and seen == []
+    for body, content_type, key in [(b'{"repo": "octocat/x", "colour": "red"}', TAKEN, KEY),
+                                    (b'{"repo": "octocat/y"}', HANDED_ON, KEY),
+                                    (b'{"repo": "octocat/z"}', TAKEN, "nope")]:
+        handed = client.post("/analyze", data=body, headers={"Content-Type": content_type, "X-API-Key": key})
+        assert handed.status_code == 299 and seen[-1] == body
+    assert len(seen) == 3

@@ -16,7 +16,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ..auth import Authenticator, missing_keys_problem
 from ..config import Settings
-from ..core.errors import ServiceError, Unavailable
+from ..core.errors import ServiceError
 from ..core.submission import MAX_BODY_BYTES
 from ..potpie.client import PotpieClient
 from ..queue import FirstSteps, dispatcher, make_celery
@@ -26,7 +26,7 @@ from ..connections import socketio_manager_args, tls_problem
 from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
 from .context import EXTENSION, ApiContext, ConnectionCount
-from .errors import ApiError, error_response
+from .errors import ApiError, error_response, refusal_for
 from .headers import SecurityHeaders, cors_headers, request_id_of
 from .metrics import instrument
 from .ratelimit import init_rate_limits
@@ -75,8 +75,7 @@ def _install_hooks(app: Flask, settings: Settings) -> None:
 
     @app.errorhandler(redis.RedisError)
     def redis_error(error: redis.RedisError) -> Any:  # any Redis failure a view did not name itself is a 503
-        log.error("Redis unavailable: %s", type(error).__name__, extra={"request_id": g.get("request_id")})
-        return error_response(Unavailable("Redis connection failed"))
+        return error_response(refusal_for(error, g.get("request_id")))
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Any:
@@ -91,10 +90,7 @@ def _install_hooks(app: Flask, settings: Settings) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Any:  # the last line of defence: log it, answer JSON, never a traceback
-        log.exception("unhandled error", extra={"request_id": g.get("request_id")})
-        api = ApiError("Internal server error", request_id=g.get("request_id"))
-        api.status = 500
-        return error_response(api)
+        return error_response(refusal_for(error, g.get("request_id")))
 
 
 def preflight(settings: Settings) -> None:

@@ -10,8 +10,7 @@ from typing import Any
 from flask import current_app, g, request
 from flask_socketio import SocketIO
 
-from .. import auth
-from ..auth import Authenticator
+from ..auth import Authenticator, presented_key as key_presented
 from ..config import Settings
 from ..core.errors import ValidationError
 from ..core.submission import MAX_BODY_BYTES
@@ -53,7 +52,7 @@ def context() -> ApiContext:
 
 def presented_key() -> str | None:
     """The API key from `Authorization: Bearer` or `X-API-Key`."""
-    return auth.presented_key(request.headers.get("Authorization", ""), request.headers.get("X-API-Key"))
+    return key_presented(request.headers.get("Authorization", ""), request.headers.get("X-API-Key"))
 
 
 def caller_owner() -> str | None:

@@ -3,11 +3,15 @@ shape: `{success:false, error, details}`."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from flask import Response, jsonify
 
 from ..core.errors import Conflict, NotFound, RateLimited, ServiceError, Unavailable, ValidationError
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(ServiceError):
@@ -53,6 +57,20 @@ def status_of(error: ServiceError) -> int:
 def error_body(error: ServiceError) -> dict[str, Any]:
     """The JSON body every error answer has."""
     return {"success": False, "error": error.error, "details": error.details}
+
+
+def refusal_for(error: Exception, request_id: str | None) -> ServiceError:
+    """What an exception answers with: a refusal as it is; any Redis failure a view did not name, a 503; anything
+    else, the last line of defence, a logged 500 (JSON, never a traceback)."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, redis.RedisError):
+        log.error("Redis unavailable: %s", type(error).__name__, extra={"request_id": request_id})
+        return Unavailable("Redis connection failed")
+    log.error("unhandled error", exc_info=error, extra={"request_id": request_id})
+    internal = ApiError("Internal server error", request_id=request_id)
+    internal.status = 500
+    return internal
 
 
 def error_headers(error: ServiceError) -> dict[str, str]:

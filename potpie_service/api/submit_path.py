@@ -10,7 +10,6 @@ the submit has run, its answer or refusal is written here: a submit is never run
 from __future__ import annotations
 
 import io
-import logging
 import time
 from http import HTTPStatus
 from typing import Any, Callable, Iterable
@@ -20,16 +19,14 @@ from flask.json.provider import JSONProvider
 
 from .. import logs
 from ..auth import Authenticator, presented_key
-from ..core.errors import RateLimited, ServiceError, Unavailable, ValidationError
+from ..core.errors import RateLimited, ValidationError
 from ..core.submission import MAX_BODY_BYTES, AnalyzeRequest, analyze_request, idempotency_key
 from ..service import JobService
 from ..store.ratelimit import Charge, RateLimiter
-from .errors import ApiError, error_body, error_headers, status_of
+from .errors import error_body, error_headers, refusal_for, status_of
 from .headers import cors_headers, request_id_of
 from .metrics import ApiMetrics
-from .ratelimit import counted_by_submit, identity, limit_headers, refusal
-
-log = logging.getLogger(__name__)
+from .ratelimit import identity, limit_headers, refusal
 
 ROUTE = "/analyze"
 WsgiApp = Callable[[dict[str, Any], Any], Iterable[bytes]]
@@ -52,11 +49,9 @@ class SubmitPath:
             return self.app(environ, start_response)
         owner, request, key = taken
         request_id = request_id_of(environ.get("HTTP_X_REQUEST_ID", ""))
-        charge = None
-        if self.limiter is not None:
-            bucket = identity(self.auth, owner, environ.get("REMOTE_ADDR"))
-            if counted_by_submit(self.auth, bucket):
-                charge = self.limiter.charge(bucket)
+        # the caller is known, so the submit script counts the request (see api/ratelimit.py)
+        charge = None if self.limiter is None else self.limiter.charge(
+            identity(self.auth, owner, environ.get("REMOTE_ADDR")))
         bound = logs.request_id.set(request_id)
         try:
             status, body, headers = self._submit(owner, request, key, charge, request_id)
@@ -79,10 +74,10 @@ class SubmitPath:
         if owner is None:
             return None
         raw = environ["wsgi.input"].read(int(length))
-        environ["wsgi.input"] = io.BytesIO(raw)  # for the view, should it be the one to answer
         try:
             return owner, analyze_request(self.json.loads(raw)), idempotency_key(environ.get("HTTP_IDEMPOTENCY_KEY"))
-        except (ValueError, RecursionError, ValidationError):  # the view answers with the field it names
+        except (ValueError, RecursionError, ValidationError):  # the view answers, with the field it names
+            environ["wsgi.input"] = io.BytesIO(raw)  # the body, read again by the view
             return None
 
     def _submit(self, owner: str, request: AnalyzeRequest, key: str | None, charge: Charge | None,
@@ -91,27 +86,16 @@ class SubmitPath:
         try:
             status, body = self.service.submit(owner, request, key, charge=charge)
             headers: dict[str, str] = {}
-        except RateLimited:  # the submit script found the caller over a limit
-            assert self.limiter is not None and charge is not None  # only a charge is refused
-            status, body, headers = self._refusal(refusal(self.limiter.verdict(charge)))
-        except ServiceError as error:
-            status, body, headers = self._refusal(error)
-        except redis.RedisError as error:
-            log.error("Redis unavailable: %s", type(error).__name__, extra={"request_id": request_id})
-            status, body, headers = self._refusal(Unavailable("Redis connection failed"))
-        except Exception:  # the last line of defence, as the app's: log it, answer JSON, never a traceback
-            log.exception("unhandled error", extra={"request_id": request_id})
-            internal = ApiError("Internal server error", request_id=request_id)
-            internal.status = 500
-            status, body, headers = self._refusal(internal)
-        if charge is not None:
+        except Exception as exc:
+            error = refusal_for(exc, request_id)
+            if isinstance(error, RateLimited) and self.limiter is not None and charge is not None:
+                # the submit script refused the caller: the limiter's verdict carries its headers
+                error = refusal(self.limiter.verdict(charge))
+            status, body, headers = status_of(error), error_body(error), error_headers(error)
+        if self.limiter is not None and charge is not None:
             try:  # counts it now if it was refused before the submit script
-                headers.update(limit_headers(self.limiter.verdict(charge)))  # type: ignore[union-attr]
+                headers.update(limit_headers(self.limiter.verdict(charge)))
             except redis.RedisError:  # Redis away: the answer (a 503) goes without them, as the app's does
                 pass
         return status, body, headers
-
-    @staticmethod
-    def _refusal(error: ServiceError) -> tuple[int, dict[str, Any], dict[str, str]]:
-        return status_of(error), error_body(error), error_headers(error)
 
