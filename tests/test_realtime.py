@@ -364,3 +364,22 @@ def test_room_index_agrees_with_the_room_table_through_joins_leaves_and_disconne
     for sid in stay:
         manager.disconnect(sid, "/", ignore_queue=True)
     assert manager.rooms == {} and manager.member_of == {}
+
+
+def test_a_follower_hears_what_was_published_while_the_relay_was_subscribing_again(
+        stack: Stack, redis_server: RedisServer, followers: Followers) -> None:
+    """Pub/sub keeps nothing for a subscriber that is away: the API's relay loses its subscription (Redis drops
+    every pub/sub connection) and the job is cancelled before the relay has subscribed again (it waits 1 s). The
+    follower, connected all along, still gets the cancelled state: the relay replays its rooms once it is back."""
+    job_id = stack.submit(unique("slow-parse"))["job_id"]
+    wait_for(lambda: stack.status(job_id)["status"] == "parsing", 15, what="the job to run")
+    watcher = followers(stack.url)
+    assert watcher.join(job_id)["ok"] is True
+    assert redis_server.client().client_kill_filter(_type="pubsub") >= 1
+    answer = requests.delete(f"{stack.url}/jobs/{job_id}", timeout=5)
+    assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
+    wait_for(lambda: [p for _, p in watcher.of(job_id) if p.get("status") == "cancelled"], 10,
+             what="the cancelled state after the relay subscribed again")
+    assert "relay subscribed again" in stack.api.log()  # type: ignore[union-attr]
+    cancelled = {p["seq"] for _, p in watcher.of(job_id) if p.get("status") == "cancelled"}
+    assert len(cancelled) == 1, "the replay carries the seq the store gave the state"

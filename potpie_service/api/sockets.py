@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from flask import request
 from flask_socketio import SocketIO, join_room, leave_room
 
 from ..auth import Authenticator
-from ..core.errors import ServiceError
-from ..core.events import JOIN_PROJECT, LEAVE_PROJECT, replay, room
+from ..core.errors import NotFound, ServiceError
+from ..core.events import JOIN_PROJECT, LEAVE_PROJECT, Event, job_of_room, replay, room
+from ..core.job import Job
 from ..core.submission import check_job_id
 from ..service import JobService
 from .context import ConnectionCount
@@ -41,8 +43,31 @@ def _presented_key(auth: Any) -> str | None:
 
 
 def register(socketio: SocketIO, service: JobService, auth: Authenticator, count: ConnectionCount) -> None:
-    """Attach the handlers to the Socket.IO server."""
+    """Attach the handlers to the Socket.IO server, and the replay the relay asks for when it has Redis again."""
     owners: dict[str, str] = {}
+
+    def state_of(job: Job) -> list[Event]:
+        position = service.queue_position(job)
+        return replay(job, position, service.eta(job, position))
+
+    def replay_rooms() -> None:
+        """Each job room on this process gets its job's current state: what the relay may have missed."""
+        manager = socketio.server.manager
+        for name, members in list(manager.rooms.get("/", {}).items()):
+            job_id, owner = job_of_room(name), next((owners[sid] for sid in list(members) if sid in owners), None)
+            if job_id is None or owner is None:
+                continue
+            try:
+                events = state_of(service.job(owner, job_id))
+            except NotFound:  # expired meanwhile: nothing to tell
+                continue
+            except (ServiceError, redis.RedisError) as exc:  # Redis away again: the relay will ask once more
+                log.warning("replay after the relay reconnected stopped: %s", type(exc).__name__)
+                return
+            for event, payload in events:
+                socketio.emit(event, payload, to=name, ignore_queue=True)
+
+    socketio.server.manager.resubscribed = replay_rooms
 
     @socketio.on("connect")
     def connect(auth_payload: Any = None) -> bool:
@@ -68,8 +93,7 @@ def register(socketio: SocketIO, service: JobService, auth: Authenticator, count
             service.job(owners.get(_sid(), ""), job_id)
             join_room(room(job_id))  # join before reading: an event in between arrives twice, never zero times
             job = service.job(owners.get(_sid(), ""), job_id)
-            position = service.queue_position(job)
-            events = replay(job, position, service.eta(job, position))
+            events = state_of(job)
         except ServiceError as exc:
             return {"ok": False, "error": exc.error, "project_id": job_id}
         for name, payload in events:  # for this socket only, which is on this process: no Redis round trip

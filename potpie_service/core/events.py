@@ -23,9 +23,17 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+ROOM_PREFIX = "project_"
+
+
 def room(job_id: str) -> str:
     """The Socket.IO room of a job (the seed's naming)."""
-    return f"project_{job_id}"
+    return ROOM_PREFIX + job_id
+
+
+def job_of_room(name: object) -> str | None:
+    """The job whose room `name` is, or None for any other room (a socket's own)."""
+    return name.removeprefix(ROOM_PREFIX) if isinstance(name, str) and name.startswith(ROOM_PREFIX) else None
 
 
 def status_update(job: Job, seq: int, **extra: Any) -> dict[str, Any]:
