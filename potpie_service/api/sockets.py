@@ -9,7 +9,7 @@ import redis
 from flask import request
 from flask_socketio import SocketIO, join_room, leave_room
 
-from ..auth import Authenticator
+from ..auth import Authenticator, presented_key
 from ..core.errors import NotFound, ServiceError
 from ..core.events import JOIN_PROJECT, LEAVE_PROJECT, Event, job_of_room, replay, room
 from ..core.job import Job
@@ -36,10 +36,7 @@ def _presented_key(auth: Any) -> str | None:
         for name in ("token", "api_key", "apiKey"):
             if isinstance(auth.get(name), str):
                 return auth[name]
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.headers.get("X-API-Key")
+    return presented_key(request.headers.get("Authorization", ""), request.headers.get("X-API-Key"))
 
 
 def register(socketio: SocketIO, service: JobService, auth: Authenticator, count: ConnectionCount) -> None:
