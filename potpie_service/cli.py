@@ -27,8 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      description="Analyse a GitHub repository and follow the job live.")
     parser.add_argument("repo", nargs="?", help="OWNER/REPO (omit with --follow)")
     parser.add_argument("--branch", default="main")
+    parser.add_argument("--commit", help="the commit to analyse (7-40 hex digits; default: the branch head)")
     parser.add_argument("--question", default="")
-    parser.add_argument("--token", help="GitHub token for a private repository (never printed)")
+    parser.add_argument("--token", help="GitHub token: pins the branch head (never printed, not sent to Potpie)")
     parser.add_argument("--url", default=os.environ.get("POTPIE_SERVICE_URL", DEFAULT_URL))
     parser.add_argument("--api-key", default=os.environ.get("POTPIE_SERVICE_API_KEY"))
     parser.add_argument("--json", action="store_true", help="print the final event as JSON on stdout")
@@ -125,6 +126,8 @@ class Display:
 def submit(args: argparse.Namespace, headers: dict[str, str]) -> str:
     """POST /analyze; return the job id."""
     body = {"repo": args.repo, "branch": args.branch, "question": args.question}
+    if args.commit:
+        body["commit_id"] = args.commit
     if args.token:
         body["github_token"] = args.token
     try:

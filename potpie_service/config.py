@@ -156,7 +156,11 @@ class Settings:
     parse_timeout: float = _env("PARSE_TIMEOUT", "3600", _float(1))
     request_timeout_ms: int = _env("REQUEST_TIMEOUT", "120000", _int(100))
     potpie_call_attempts: int = _env("POTPIE_CALL_ATTEMPTS", "3", _int(1, 10))
-    potpie_stream: bool = _env("POTPIE_STREAM", "true", _bool)
+    potpie_stream: bool = _env("POTPIE_STREAM", "false", _bool)  # a stream cannot tell a failed run from a done one
+    potpie_agent_id: str = _env("POTPIE_AGENT_ID", "codebase_qna_agent")
+    potpie_forward_github_token: bool = _env("POTPIE_FORWARD_GITHUB_TOKEN", "false", _bool)  # self-hosted forks only
+    github_token: str = _env("GITHUB_TOKEN", "", secret=True)  # pins branch heads for jobs that bring no token
+    github_api_url: str = _env("GITHUB_API_URL", "https://api.github.com")
     redis_url_raw: str = _env("REDIS_URL", "", _redis_url, secret=True)
     redis_host: str = _env("REDIS_HOST", "localhost")
     redis_port: int = _env("REDIS_PORT", "6379", _int(1, 65535))
@@ -241,8 +245,9 @@ class Settings:
             if bad_entries(entries):
                 problems.append(f"{name}=(hidden): entries for {', '.join(bad_entries(entries))} are not "
                                 "'name:sha256hex' (the hash from `python -m potpie_service keygen`, not the key)")
-        if not self.potpie_base_url.startswith(("http://", "https://")):
-            problems.append("POTPIE_BASE_URL: must start with http:// or https://")
+        for name, url in (("POTPIE_BASE_URL", self.potpie_base_url), ("GITHUB_API_URL", self.github_api_url)):
+            if not url.startswith(("http://", "https://")):
+                problems.append(f"{name}: must start with http:// or https://")
         return problems
 
     def _sentinel_checks(self) -> list[str]:

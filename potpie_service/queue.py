@@ -32,6 +32,8 @@ POOL_WAIT_S = 10.0  # how long a publish or ack waits for a free broker connecti
 RUN_STEP = "potpie.run_step"
 HEARTBEAT = "potpie.heartbeat"
 DELIVER_WEBHOOK = "potpie.deliver_webhook"
+STOP_AGENT_RUN = "potpie.stop_agent_run"
+STOP_DELAY_S = 1.0  # a cancel's stop waits this long: a step that was just starting its run has recorded it
 
 
 class MaskedCelery(Celery):
@@ -235,6 +237,15 @@ def _envelope(headers: dict[str, Any], properties: dict[str, Any]) -> str:
         "body": _BODY, "content-encoding": "utf-8", "content-type": "application/json", "headers": headers,
         "properties": {**properties, "priority": 0, "body_encoding": "base64", "delivery_tag": _TAG},
     })
+
+
+def run_stopper(app: Celery, settings: Settings):
+    """A function that queues the stop of the agent run a job leaves in flight (a cancelled job's)."""
+
+    def stop(job_id: str) -> None:
+        app.send_task(STOP_AGENT_RUN, args=[job_id], queue=settings.queue_name, countdown=STOP_DELAY_S)
+
+    return stop
 
 
 def webhook_scheduler(app: Celery, settings: Settings):

@@ -35,10 +35,12 @@ class JobService:
     """Job operations for one owner at a time; the views call these and nothing else."""
 
     def __init__(self, settings: Settings, store: JobStore, dispatch: Dispatch, cipher: TokenCipher,
-                 potpie: PotpieClient, first_step: Callable[[str], StepMessage] | None = None) -> None:
+                 potpie: PotpieClient, first_step: Callable[[str], StepMessage] | None = None,
+                 stop_run: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.dispatch = dispatch
+        self.stop_run = stop_run  # queues the stop of the agent run a cancelled job leaves (queue.run_stopper)
         self.first_step = first_step  # a new job's first step, for the submit script to enqueue (queue.FirstSteps)
         self.cipher = cipher
         self.potpie = potpie
@@ -63,6 +65,7 @@ class JobService:
                   question=request.question, message=MESSAGES[JobStatus.QUEUED],
                   max_attempts=self.settings.max_retries + 1, created_at=now_iso(), created_ts=time.time(),
                   has_github_token=bool(request.github_token), callback_url=request.callback_url or "",
+                  commit_id=request.commit_id or "", commit_source="request" if request.commit_id else "",
                   retry_of=retry_of.id if retry_of else "",
                   history=[*retry_of.history, retry_of.id] if retry_of else [])
         sealed = self.cipher.encrypt(request.github_token) if request.github_token else ""
@@ -93,7 +96,8 @@ class JobService:
         return 202, self._accepted(job, submitted.queue_position)
 
     def _dedup(self, request: AnalyzeRequest, idempotency_key: str | None) -> Dedup:
-        identity = json.dumps([request.repo, request.branch, request.question, request.callback_url or ""])
+        identity = json.dumps([request.repo, request.branch, request.question, request.callback_url or "",
+                               request.commit_id or ""])
         digest = hashlib.sha256(identity.encode()).hexdigest()
         return Dedup(
             request_key=digest if self.settings.dedup_enabled else "",
@@ -143,10 +147,14 @@ class JobService:
             "queue_position": position, "eta_seconds": self.eta(job, position),
             "attempts": job.attempts, "max_attempts": job.max_attempts,
             "potpie_project_id": job.potpie_project_id or None, "repo": job.repo, "branch": job.branch,
+            "commit_id": job.commit_id or None, "commit": analysis.commit_info(job) if job.commit_source else None,
+            "potpie_calls": job.potpie_calls,
             "details": {"created_at": job.created_at or None, "processed_at": job.processed_at or None,
                         "finished_at": job.finished_at or None, "failed_reason": job.failed_reason or None},
             "timestamp": now_iso(),
         }
+        if job.progress_estimated and job.status is JobStatus.PARSING:
+            body["progress_estimated"] = True  # from the time spent against recent parses: Potpie reports none
         if job.result is not None:
             body["result"] = job.result
         return body
@@ -180,6 +188,12 @@ class JobService:
         self.observe(Change(True, job, previous, since))
         for admitted_id in admitted:
             self._dispatch_first(admitted_id)
+        if self.stop_run is not None and job.conversation_id:  # its agent run, if one is going, is stopped
+            try:
+                self.stop_run(job.id)
+            except Exception:  # the broker is away: the cancel stands; the run ends on Potpie's side by itself
+                log.warning("could not queue the stop of the job's agent run", extra={"job_id": job.id},
+                            exc_info=True)
         log.info("job cancelled", extra={"job_id": job.id})
         return {"success": True, "project_id": job.id, "job_id": job.id, "status": JobStatus.CANCELLED.value,
                 "timestamp": now_iso()}
@@ -209,7 +223,8 @@ class JobService:
         if job.has_github_token and not github_token:
             raise ValidationError("the original job had a GitHub token, which was deleted when it ended: "
                                   "send it again as github_token", field="github_token")
-        request = AnalyzeRequest(job.repo, job.branch, job.question, github_token, job.callback_url or None)
+        request = AnalyzeRequest(job.repo, job.branch, job.question, github_token, job.callback_url or None,
+                                 job.commit_id or None)  # the same commit again: the retry is reproducible
         status, body = self.submit(owner, request, retry_of=job)
         body.update(retry_of=job.id, history=[*job.history, job.id])
         return status, body

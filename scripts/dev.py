@@ -104,6 +104,9 @@ def main() -> int:
         env["POTPIE_API_KEY"] = env["SIMULATOR_API_KEY"] = "sk-simulator"
         env["POTPIE_BASE_URL"] = f"http://127.0.0.1:{sim_port}"
         env.setdefault("POTPIE_POLL_INTERVAL", "1")
+        # the simulator also answers GitHub's branch heads: each job is pinned to a commit, nothing leaves the machine
+        env.setdefault("GITHUB_API_URL", f"http://127.0.0.1:{sim_port}/github")
+        env.setdefault("GITHUB_TOKEN", "ghp_simulator")
         start("simulator", [sys.executable, "-m", "potpie_service", "simulator", "--port", sim_port,
                             "--parse-seconds", env.get("SIMULATOR_PARSE_SECONDS", "8")])
     if not env.get("TOKEN_ENCRYPTION_KEY"):
@@ -129,6 +132,9 @@ def main() -> int:
         f"  Redis       {env['REDIS_URL'].split('@')[-1]}  {redis_note}",
         f"  Potpie      {env.get('POTPIE_BASE_URL', 'https://production-api.potpie.ai')}"
         + ("  (simulator: no POTPIE_API_KEY set)" if env.get("SIMULATOR_API_KEY") else ""),
+        f"  GitHub      {env.get('GITHUB_API_URL', 'https://api.github.com')}  (branch heads, to pin each job's "
+        "commit; " + ("read with GITHUB_TOKEN" if env.get("GITHUB_TOKEN") else "for jobs that bring a github_token")
+        + ")",
     ]
     if dev_key:
         KEY_FILE.parent.mkdir(exist_ok=True)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from potpie_service.core import analysis
+from potpie_service.core import analysis, replies, submission
 from potpie_service.core.analysis import Step
 from potpie_service.core.errors import ValidationError
 from potpie_service.core.submission import analyze_request, check_branch, check_repo
@@ -68,14 +68,60 @@ def test_every_parse_sequence_potpie_produces_is_an_allowed_path(start: JobStatu
     assert all(can_move(state, JobStatus.RETRYING) for state in (JobStatus.PARSING, JobStatus.READY))
 
 
-def test_parse_progress_is_monotonic_and_unknown_statuses_creep() -> None:
-    progress = 10
-    for status in ["submitted", "cloned", "weird", "parsed", "submitted", "inferring", "ready"]:
-        new = analysis.parse_progress(status, progress)
-        assert new >= progress
-        progress = new
-    assert progress == 60
-    assert analysis.parse_progress("still-working", 59) == 59
+def test_parse_progress_is_estimated_while_potpie_says_nothing_and_never_moves_back() -> None:
+    progress, seen = 10, []
+    for elapsed in (0, 1, 5, 20, 60, 120, 600, 3600):
+        progress, estimated = analysis.parse_progress("submitted", progress, elapsed, expected=60.0)
+        assert estimated is True
+        seen.append(progress)
+    assert seen == sorted(seen) and seen[0] == 15 and seen[-1] == 59, seen  # short of ready's 65, never 60
+    assert analysis.parse_progress("submitted", 30, 1, 60.0) == (30, True), "never backwards"
+    assert analysis.parse_progress("submitted", 10, 30, 10.0)[0] > analysis.parse_progress("submitted", 10, 30, 60.0)[0]
+    assert analysis.parse_progress("submitted", 10, 30, None) == analysis.parse_progress("submitted", 10, 30, 60.0)
+    # an older server's walk says how far it is: that stage, not an estimate
+    assert analysis.parse_progress("cloned", 10, 0, None) == (30, False)
+    assert analysis.parse_progress("inferring", 40, 500, 60.0) == (55, False)
+    assert analysis.parse_progress("a-status-potpie-adds", 10, 30, 60.0)[1] is True
+
+
+def test_polls_start_soon_and_back_off_to_the_interval() -> None:
+    assert [analysis.poll_delay(t, 5.0) for t in (0, 0.25, 0.5, 1, 2, 4, 8, 600)] == [0.25, 0.25, 0.5, 1, 2, 4, 5, 5]
+    assert analysis.poll_delay(0, 0.1) == 0.1
+
+
+def test_jobs_share_a_parse_when_potpie_would_find_the_same_project() -> None:
+    assert analysis.parse_identity(Job("a", repo="o/r", branch="main")) == \
+        analysis.parse_identity(Job("b", repo="o/r", branch="main", question="other"))
+    assert analysis.parse_identity(Job("a", repo="o/r", branch="main")) != \
+        analysis.parse_identity(Job("a", repo="O/r", branch="main"))  # Potpie does not normalise names
+    # with a commit Potpie finds the project by it, whatever the branch
+    assert analysis.parse_identity(Job("a", repo="o/r", branch="x", commit_id="abc1234")) == \
+        analysis.parse_identity(Job("b", repo="o/r", branch="y", commit_id="abc1234"))
+
+
+def test_only_the_agents_words_are_kept() -> None:
+    assert replies.agent_words(replies.SETUP_BANNER + "Here is it.") == "Here is it."
+    assert replies.agent_words("Here is it.") == "Here is it."
+    assert replies.agent_words("A \u23f3 later, please wait... is text") == "A \u23f3 later, please wait... is text"
+    assert replies.join_chunks([replies.SETUP_BANNER, "Hel", "", "[[SUBAGENT_ERROR]]\nThe operation could not be "
+                                "completed.", "lo"]) == "Hello"
+    assert replies.join_chunks([replies.SETUP_BANNER]) == "" and replies.is_status_chunk(replies.SETUP_BANNER)
+    assert not replies.is_status_chunk("") and not replies.is_status_chunk(" ")
+
+
+def test_cited_files_are_the_paths_an_answer_names() -> None:
+    text = "Start at src/app.py, then src/service.py. See tests/test_app.py: v1.2 is e.g. a version; a/b is not."
+    assert analysis.cited_files(text) == ["src/app.py", "src/service.py", "tests/test_app.py"]
+    assert analysis.cited_files("nothing here") == []
+
+
+def test_commit_id_is_a_sha_of_7_to_40_hex_digits() -> None:
+    assert submission.analyze_request({"repo": "o/r", "commit_id": "ABCDEF1"}).commit_id == "abcdef1"
+    assert submission.analyze_request({"repo": "o/r"}).commit_id is None
+    for bad in ("abc12", "g" * 7, "a" * 41, "main", 7):
+        with pytest.raises(ValidationError) as info:
+            submission.analyze_request({"repo": "o/r", "commit_id": bad})
+        assert info.value.details["field"] == "commit_id"
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -140,13 +140,13 @@ def test_potpie_call_metrics_by_endpoint_and_status_after_a_flaky_job(apis: tupl
     wait_for(lambda: delta(scrape(stack.url), before, name, endpoint="message", status="200") >= 2, 5,
              what="the worker to write the job's Potpie-call metrics")
     after = scrape(stack.url)
-    expected = {("parse", "503"): 1, ("parse", "200"): 1, ("parsing_status", "503"): 1,
+    expected = {("parse", "503"): 1, ("parse", "200"): 1, ("parsing_status_by_repo", "503"): 1,
                 ("conversations", "503"): 1, ("conversations", "200"): 1, ("message", "503"): 1, ("message", "200"): 2}
     for (endpoint, status), count in expected.items():
         assert delta(after, before, name, endpoint=endpoint, status=status) == count, (endpoint, status)
         errors = delta(after, before, "potpie_upstream_errors_total", endpoint=endpoint, status=status)
         assert errors == (count if status == "503" else 0), (endpoint, status)
-    assert delta(after, before, name, endpoint="parsing_status", status="200") >= 1
+    assert delta(after, before, name, endpoint="parsing_status_by_repo", status="200") >= 1
     assert delta(after, before, "potpie_upstream_request_duration_seconds_sum", endpoint="message", status="200") > 0
 
 

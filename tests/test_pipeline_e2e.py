@@ -64,15 +64,16 @@ def test_progress_is_monotonic_and_states_follow_the_lifecycle(stack: Stack) -> 
     statuses = [s for s, _ in seen]
     assert statuses[-1] == "finished"
     assert "parsing" in statuses
-    assert len({p for s, p in seen if s == "parsing"}) >= 3, seen  # follows Potpie's parse statuses
+    # Potpie says only `submitted` until `ready`: the estimate from recent parses moves the progress meanwhile
+    assert len({p for s, p in seen if s == "parsing"}) >= 3, seen
     order = ["queued", "parsing", "ready", "processing_conversations", "finished"]
     assert [order.index(s) for s in statuses] == sorted(order.index(s) for s in statuses)
 
 
 @pytest.mark.parametrize("repo, reason", [
     ("parse-error/demo", "could not parse the repository"),
-    ("usage-limit/demo", "usage limit reached (402)"),
-    ("unauthorized/demo", "rejected the API key (401)"),
+    ("usage-limit/demo", "usage limit reached (HTTP 402, request_failed, request_id psvc-"),
+    ("unauthorized/demo", "rejected the API key: check POTPIE_API_KEY (HTTP 401, authentication_required"),
 ])
 def test_errors_that_cannot_improve_fail_at_once(stack: Stack, repo: str, reason: str) -> None:
     final = stack.wait_final(stack.submit(repo)["job_id"])
@@ -89,8 +90,7 @@ def test_parse_stuck_past_parse_timeout_fails_with_reason(stack: Stack) -> None:
     assert "last status: submitted" in final["details"]["failed_reason"]
 
 
-@pytest.mark.parametrize("repo", ["flaky/inline", "rate-limited/inline", "bad-json/inline",
-                                  "truncated-stream/inline"])
+@pytest.mark.parametrize("repo", ["flaky/inline", "rate-limited/inline", "bad-json/inline", "auth-flaky/inline"])
 def test_transient_failures_are_retried_inside_the_step(stack: Stack, repo: str) -> None:
     final = stack.wait_final(stack.submit(repo)["job_id"], timeout=40)
     assert final["status"] == "finished", final
@@ -161,8 +161,8 @@ def test_a_repeat_analysis_of_the_same_repo_is_ready_at_once(stack: Stack, sim_s
     second = stack.submit(repo, question="Where is the entry point?")["job_id"]
     _straight_to_ready(stack, published, second)
     assert _retries_counted(stack) == retries, "no retry is counted"
-    # each job asked Potpie to parse once, and Potpie answered the second with the project it holds, ready
-    assert sim_stats()["parse_calls"][f"{repo}@main"] == 2
+    # the first job's parse is still known ready (store/flights.py): the second asks Potpie for no parse at all
+    assert sim_stats()["parse_calls"][f"{repo}@main"] == 1
     assert stack.status(second)["potpie_project_id"] == stack.status(first)["potpie_project_id"]
 
 
@@ -206,7 +206,7 @@ def test_exhausted_retries_fail_with_the_attempt_count(retry_stack: Stack) -> No
     assert final["status"] == "failed"
     assert final["attempts"] == 6 and final["max_attempts"] == 6
     assert "gave up after 6 attempts" in final["details"]["failed_reason"]
-    assert "server error (500)" in final["details"]["failed_reason"]
+    assert "server error (HTTP 500, internal_error, request_id psvc-" in final["details"]["failed_reason"]
 
 
 @pytest.fixture(scope="module")

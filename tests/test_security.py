@@ -99,7 +99,8 @@ def start_flower(env: dict[str, str], name: str) -> tuple[Service, str]:
 def secured(redis_server: RedisServer, simulator) -> Iterator[Secured]:
     token_key = new_token_key()
     stack = make_stack(redis_server, simulator, "sec", **auth_env(TOKEN_ENCRYPTION_KEY=token_key,
-                                                                   RATE_LIMIT="1000/minute"))
+                                                                   RATE_LIMIT="1000/minute",
+                                                                   GITHUB_API_URL=simulator.url + "/github"))
     flower, flower_url = start_flower(stack.env, "sec-flower")
     yield Secured(stack, flower, flower_url, token_key, [])
     flower.stop()
@@ -306,8 +307,8 @@ def _hits(marker: str, blobs: list[bytes]) -> list[bytes]:
     return [blob[:200] for blob in blobs if marker.encode() in blob]
 
 
-def test_github_token_reaches_potpie_but_is_never_stored_logged_or_shown(secured: Secured, sim_stats,
-                                                                         followers) -> None:
+def test_github_token_reads_the_branch_head_and_never_reaches_potpie_redis_logs_or_answers(secured: Secured, sim_stats,
+                                                                                           followers) -> None:
     marker = uuid.uuid4().hex
     token = f"ghp_{marker}"
     slow, fast = f"slow-parse/tok-{marker[:6]}", f"octocat/tok-{marker[:6]}"
@@ -337,8 +338,10 @@ def test_github_token_reaches_potpie_but_is_never_stored_logged_or_shown(secured
     assert [final["status"] for final in finals] == ["finished", "finished"], finals
     assert all(final["result"]["metadata"]["has_github_token"] is True for final in finals)
     digest = hashlib.sha256(token.encode()).hexdigest()
+    assert sim_stats()["github"]["token_sha256"].count(digest) == 2, "the worker read each branch head with it"
+    assert all(final["commit"]["source"] == "github" for final in finals)
     received = sim_stats()["github_token_sha256"]
-    assert received[f"{slow}@main"] == digest and received[f"{fast}@main"] == digest, "the worker sent the token"
+    assert f"{slow}@main" not in received and f"{fast}@main" not in received, "the token went to Potpie's /parse"
 
     raw, decoded = redis_everything(url)
     assert _hits(marker, raw) == [] and _hits(marker, decoded) == [], "token in Redis after the jobs"

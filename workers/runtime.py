@@ -7,17 +7,41 @@ from typing import Callable
 
 from celery import Celery
 
+import logging
+import threading
+
 from potpie_service import green
 from potpie_service.config import Settings
 from potpie_service.core.job import Change
+from potpie_service.github import GitHubClient
 from potpie_service.pipeline.callbacks import WebhookNotifier
 from potpie_service.pipeline.cancels import start_listener
 from potpie_service.pipeline.steps import Pipeline, Waits
-from potpie_service.potpie.client import Observer, PotpieClient
+from potpie_service.potpie.client import Observer, PotpieClient, PotpieError
 from potpie_service.queue import dispatcher, webhook_scheduler
 from potpie_service.store import make_store
 from potpie_service.store.jobs import JobStore
 from potpie_service.tokens import TokenCipher
+
+
+log = logging.getLogger(__name__)
+
+
+def check_agent(potpie: PotpieClient, agent_id: str) -> str | None:
+    """Why POTPIE_AGENT_ID cannot work (Potpie does not list it for this key), or None when it is listed or the
+    list could not be read (then it is used unchecked: Potpie answers an unknown agent with a bare 500)."""
+    try:
+        agents = potpie.agents()
+    except PotpieError as exc:
+        log.warning("could not list Potpie's agents (%s); POTPIE_AGENT_ID=%s is used unchecked", exc.reason, agent_id)
+        return None
+    if agent_id in agents:
+        log.info("Potpie lists the agent POTPIE_AGENT_ID=%s", agent_id)
+        return None
+    problem = (f"POTPIE_AGENT_ID={agent_id!r} is not an agent Potpie lists for this key (available: "
+               f"{', '.join(agents) or 'none'}): set POTPIE_AGENT_ID to one of them")
+    log.error(problem)
+    return problem
 
 
 @dataclass
@@ -63,7 +87,13 @@ def make_worker_runtime(settings: Settings, app: Celery, observer: Observer | No
                                settings.webhook_max_attempts, webhook_scheduler(app, settings))
     pipeline = Pipeline(settings, store, potpie, dispatcher(app, settings),
                         lambda job_id: cipher.decrypt(store.secret(job_id)),
-                        observe=_both(recorder.observe, webhooks.on_event), waits=waits)
+                        observe=_both(recorder.observe, webhooks.on_event), waits=waits,
+                        github=GitHubClient(settings.github_api_url))
+
+    def check() -> None:  # apart from start-up: Potpie may be slow or away
+        pipeline.agent_problem = check_agent(potpie, settings.potpie_agent_id)
+
+    threading.Thread(target=check, name="psvc-agent-check", daemon=True).start()
     if green.active():  # only a green process can abort a call another greenlet is blocked in
         start_listener(store, pipeline.calls)
     return WorkerRuntime(store, pipeline, webhooks)

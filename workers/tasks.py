@@ -7,7 +7,7 @@ import time
 
 from celery.exceptions import Reject
 
-from potpie_service.queue import DELIVER_WEBHOOK, HEARTBEAT, RUN_STEP
+from potpie_service.queue import DELIVER_WEBHOOK, HEARTBEAT, RUN_STEP, STOP_AGENT_RUN
 from .runtime import WorkerRuntime, make_worker_runtime
 
 from .app import app, current_settings
@@ -36,6 +36,12 @@ def run_step(job_id: str, seq: int) -> str:
 def deliver_webhook(job_id: str, attempt: int) -> str:
     """One attempt to POST a job's final event to its callback_url."""
     return runtime().webhooks.deliver(job_id, int(attempt))
+
+
+@app.task(name=STOP_AGENT_RUN, ignore_result=True)
+def stop_agent_run(job_id: str) -> str:
+    """Stop the agent run a cancelled job left going on Potpie (it would go on spending the account's credits)."""
+    return runtime().pipeline.agents.stop_left(job_id)
 
 
 @app.task(name=HEARTBEAT, ignore_result=True, acks_late=False)

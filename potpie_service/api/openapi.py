@@ -11,8 +11,8 @@ from typing import Any
 
 from .. import SERVICE_NAME, __version__
 from ..core.model import JobStatus
-from ..core.submission import (BRANCH_PATTERN, CALLBACK_URL_PATTERN, LIST_STATUSES, MAX_BODY_BYTES, MAX_QUESTION,
-                         QUESTION_PATTERN, REPO_PATTERN, TOKEN_PATTERN)
+from ..core.submission import (BRANCH_PATTERN, CALLBACK_URL_PATTERN, COMMIT_PATTERN, LIST_STATUSES, MAX_BODY_BYTES,
+                               MAX_QUESTION, QUESTION_PATTERN, REPO_PATTERN, TOKEN_PATTERN)
 
 Schema = dict[str, Any]
 
@@ -20,6 +20,14 @@ _TIMESTAMP: Schema = {"type": "string", "format": "date-time"}
 _JOB_ID: Schema = {"type": "string", "pattern": "^[a-f0-9]{32}$", "example": "3f2b6c0e9a1d4e5f8a7b6c5d4e3f2a1b"}
 _NULLABLE_STR: Schema = {"type": ["string", "null"]}
 _COUNT: Schema = {"type": "integer", "minimum": 0}
+_COMMIT: Schema = {
+    "type": ["object", "null"], "required": ["id", "pinned", "source", "note"],
+    "description": "The commit analysed: pinned by the request (`request`) or read from GitHub (`github`), or not "
+                   "pinned (`note` says why: Potpie then analyses the branch as it already holds it)",
+    "properties": {"id": _NULLABLE_STR, "pinned": {"type": "boolean"},
+                   "source": {"enum": ["request", "github", None]}, "note": _NULLABLE_STR}}
+_CALLS: Schema = {"type": "object", "additionalProperties": _COUNT,
+                  "description": "Potpie requests made for the job, by endpoint (retries included)"}
 
 SCHEMAS: dict[str, Schema] = {
     "Error": {
@@ -39,12 +47,17 @@ SCHEMAS: dict[str, Schema] = {
             "branch": {"type": ["string", "null"], "pattern": f"^(?:{BRANCH_PATTERN})?$", "default": "main",
                        "description": "A git branch name (git check-ref-format rules; letters, digits and "
                                       ". _ - / + @; at most 255); empty or null means main"},
+            "commit_id": {"type": ["string", "null"], "pattern": f"^{COMMIT_PATTERN}$",
+                          "description": "The commit to analyse (7-40 hex digits), forwarded to Potpie; without "
+                                         "it the worker pins the branch head when a GitHub token is at hand"},
             "question": {"type": ["string", "null"], "maxLength": MAX_QUESTION, "default": "",
                          "pattern": f"^{QUESTION_PATTERN}$",
                          "description": "What to ask about the code; no control characters but tab and newline"},
             "github_token": {"type": ["string", "null"], "pattern": f"^{TOKEN_PATTERN}$", "writeOnly": True,
-                             "description": "Encrypted at rest, readable only by the worker, deleted when the job "
-                                            "ends; never returned, logged or queued in plaintext"},
+                             "description": "Reads the branch head from GitHub to pin the commit; not sent to "
+                                            "Potpie (unless POTPIE_FORWARD_GITHUB_TOKEN). Encrypted at rest, "
+                                            "readable only by the worker, deleted when the job ends; never "
+                                            "returned, logged or queued in plaintext"},
             "callback_url": {"type": ["string", "null"], "pattern": f"^{CALLBACK_URL_PATTERN}$",
                              "description": "A webhook called when the job ends: http(s), an ASCII host name or "
                                             "IPv4 address resolving to public addresses only, no credentials"},
@@ -77,7 +90,10 @@ SCHEMAS: dict[str, Schema] = {
                                "description": "Place in line while queued (0: starting), else null"},
             "eta_seconds": {"type": ["number", "null"], "minimum": 0},
             "attempts": _COUNT, "max_attempts": _COUNT, "potpie_project_id": _NULLABLE_STR,
-            "repo": {"type": "string"}, "branch": {"type": "string"},
+            "repo": {"type": "string"}, "branch": {"type": "string"}, "commit_id": _NULLABLE_STR,
+            "commit": _COMMIT, "potpie_calls": _CALLS,
+            "progress_estimated": {"const": True, "description": "While parsing: the progress is estimated from "
+                                                                 "the time spent against recent parses"},
             "details": {"type": "object", "required": ["created_at", "processed_at", "finished_at", "failed_reason"],
                         "properties": {"created_at": _NULLABLE_STR, "processed_at": _NULLABLE_STR,
                                        "finished_at": _NULLABLE_STR, "failed_reason": _NULLABLE_STR}},
@@ -91,7 +107,8 @@ SCHEMAS: dict[str, Schema] = {
                      "analysis_response", "metadata"],
         "properties": {
             "project_id": _JOB_ID, "potpie_project_id": _NULLABLE_STR, "repo": {"type": "string"},
-            "branch": {"type": "string"}, "question": {"type": "string"}, "parsing_status": _NULLABLE_STR,
+            "branch": {"type": "string"}, "commit_id": _NULLABLE_STR, "commit": _COMMIT,
+            "question": {"type": "string"}, "parsing_status": _NULLABLE_STR,
             "answer": {"type": "string"}, "citations": {"type": "array", "items": {"type": "string"}},
             "snippets": {"type": "array", "items": {"type": "object"}}, "snippets_count": _COUNT,
             "analysis_response": {"type": "object"}, "metadata": {"type": "object"},

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from enum import Enum
 from typing import Any
 
 from .job import Job
-from .model import PARSE_ERROR, PARSE_PROGRESS, PARSE_READY, JobStatus, Stage
+from .model import (DEFAULT_PARSE_SECONDS, FIRST_POLL_S, PARSE_ERROR, PARSE_PROGRESS, PARSE_READY, JobStatus,
+                    Stage)
 
 DEFAULT_QUESTION = "Explain the repository architecture."
 
@@ -57,10 +59,30 @@ def parse_state(status: str) -> JobStatus:
     return JobStatus.PARSING
 
 
-def parse_progress(status: str, current: int) -> int:
-    """Progress for a Potpie parse status; never moves backwards."""
-    creep = current + 1 if current < Stage.PARSE_DONE - 2 else current
-    return max(current, PARSE_PROGRESS.get(status, creep))
+def parse_identity(job: Job) -> str:
+    """The Potpie project a job needs, as Potpie finds one: the exact repository name, then the commit when one is
+    sent, else the branch (jobs with the same identity share one parse: store/flights.py)."""
+    return f"{job.repo}@{job.commit_id}" if job.commit_id else f"{job.repo}@branch:{job.branch}"
+
+
+def poll_delay(elapsed: float, interval: float) -> float:
+    """Seconds until the next poll of a parse `elapsed` seconds old: soon after it starts (0.25, 0.5, 1, 2 s...),
+    then every POTPIE_POLL_INTERVAL, so a quick parse is seen at once and a long one costs no more polls."""
+    return min(interval, max(FIRST_POLL_S, elapsed))
+
+
+def parse_progress(status: str, current: int, elapsed: float, expected: float | None) -> tuple[int, bool]:
+    """(progress, whether it is an estimate) for a parse still running. A status that says how far it is (an older
+    server's cloned/parsed/inferring) gives its stage; Potpie's `submitted`, or any status it may add, says
+    nothing, so the time spent against the mean of recent parses (`expected`, s) moves it along a curve that
+    slows as it nears PARSE_DONE and never reaches it. Never moves backwards."""
+    known = PARSE_PROGRESS.get(status, 0)
+    told = status not in ("submitted", "created") and status in PARSE_PROGRESS
+    span = Stage.PARSE_DONE - 1 - PARSE_PROGRESS["submitted"]
+    fraction = 1 - math.exp(-max(0.0, elapsed) / (expected or DEFAULT_PARSE_SECONDS))
+    estimate = PARSE_PROGRESS["submitted"] + int(span * fraction)
+    progress = max(current, known if told else max(known, estimate))
+    return progress, not told
 
 
 def question_of(job: Job) -> str:
@@ -119,6 +141,22 @@ def _snippet(raw: Any) -> dict[str, Any] | None:
     }
 
 
+_CITED = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)+[\w.-]+\.[A-Za-z0-9]{1,10})(?![\w/])")
+
+
+def cited_files(text: str) -> list[str]:
+    """File paths an answer names (`src/app.py`), in order: Potpie's server fills no citations (§8.4), so the files
+    an answer rests on appear only in its text."""
+    return list(dict.fromkeys(match.rstrip(".") for match in _CITED.findall(text)))
+
+
+def commit_info(job: Job) -> dict[str, Any]:
+    """The commit the analysis is about: pinned by the request or read from GitHub, or why none could be."""
+    pinned = job.commit_source in ("request", "github")
+    return {"id": job.commit_id or None, "pinned": pinned, "source": job.commit_source if pinned else None,
+            "note": job.commit_note or None}
+
+
 def build_result(job: Job, finished_at: str, processing_time_ms: int) -> dict[str, Any]:
     """The finished analysis, as sent in `analysis_complete.data` and `/status` `result`."""
     analysis_text = job.analysis_text or ""
@@ -136,6 +174,8 @@ def build_result(job: Job, finished_at: str, processing_time_ms: int) -> dict[st
         "potpie_project_id": job.potpie_project_id or None,
         "repo": job.repo,
         "branch": job.branch,
+        "commit_id": job.commit_id or None,
+        "commit": commit_info(job),
         "question": question_of(job),
         "parsing_status": job.parse_status or None,
         "answer": job.answer or "",
@@ -149,6 +189,7 @@ def build_result(job: Job, finished_at: str, processing_time_ms: int) -> dict[st
             "processing_time_ms": processing_time_ms,
             "attempts": job.attempts or 1,
             "has_github_token": job.has_github_token,
+            "potpie_calls": dict(job.potpie_calls),
             "job_id": job.id,
         },
     }

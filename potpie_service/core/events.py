@@ -6,6 +6,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from .analysis import commit_info
 from .job import Job
 from .model import MESSAGES, JobStatus
 
@@ -38,7 +39,7 @@ def job_of_room(name: object) -> str | None:
 
 def status_update(job: Job, seq: int, **extra: Any) -> dict[str, Any]:
     """A `status_update` payload for the job's current state."""
-    payload = {
+    payload: dict[str, Any] = {
         "project_id": job.id,
         "job_id": job.id,
         "status": job.status.value,
@@ -47,6 +48,10 @@ def status_update(job: Job, seq: int, **extra: Any) -> dict[str, Any]:
         "seq": seq,
         "timestamp": now_iso(),
     }
+    if job.progress_estimated and job.status is JobStatus.PARSING:
+        payload["progress_estimated"] = True  # from the time spent against recent parses: Potpie reports none
+    if job.commit_source:
+        payload["commit"] = commit_info(job)
     payload.update(extra)
     return payload
 

@@ -46,11 +46,17 @@ class Job:
     parse_started_at: float = 0.0
     parse_requested: bool = False  # a parse request was sent: a resumed job looks the project up first
     parsed_at: str = ""
+    commit_id: str = ""  # the commit analysed: the request's, or the branch head read from GitHub
+    commit_source: str = ""  # request | github | none (could not pin; commit_note says why); "": not decided yet
+    commit_note: str = ""
+    progress_estimated: bool = False  # progress comes from the time spent against recent parses, not from Potpie
     conversation_id: str = ""
+    agent_session: str = ""  # the agent run (session_id) in flight, to stop; "" when none
     answer: str | None = None  # None: not asked yet ("" is an answer)
     citations: list[str] = field(default_factory=list)
     analysis_text: str | None = None  # None: not asked yet
     result: dict[str, Any] | None = None
+    potpie_calls: dict[str, int] = field(default_factory=dict)  # Potpie requests made for it, by endpoint
     # its life
     processed_at: str = ""
     finished_at: str = ""
@@ -141,7 +147,7 @@ def _parse(kind: str, raw: str) -> Any:
     if kind == "status":
         return JobStatus(raw)
     if kind in ("list", "dict"):
-        return json.loads(raw) if raw else ([] if kind == "list" else None)
+        return json.loads(raw) if raw else ([] if kind == "list" else None)  # a dict field once written holds {}
     return raw
 
 

@@ -19,6 +19,7 @@ FAILURE_CLASSES = (
     ("parse_error", "Potpie could not parse the repository"),
     ("parse_timeout", "Potpie did not finish parsing within PARSE_TIMEOUT"),
     ("github_token", "the GitHub token could not be read"),
+    ("potpie_agent", "POTPIE_AGENT_ID="),
     ("potpie_rejected", "Potpie "),
 )
 KNOWN_CLASSES = tuple(dict.fromkeys([name for name, _ in FAILURE_CLASSES] + ["other"]))

@@ -76,3 +76,7 @@ PARSE_PROGRESS = {"submitted": 15, "created": 15, "cloned": 30, "parsed": 45, "p
                   "inferring": 55, "ready": int(Stage.PARSE_DONE)}
 PARSE_READY = "ready"
 PARSE_ERROR = "error"
+# Potpie's server says only `submitted` until `ready`: progress is then estimated from the time spent against the
+# mean duration of recent parses, or this many seconds before any parse has finished.
+DEFAULT_PARSE_SECONDS = 60.0
+FIRST_POLL_S = 0.25  # the first poll after a parse request; the next ones back off towards POTPIE_POLL_INTERVAL

@@ -19,11 +19,13 @@ REPO_PATTERN = r"[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}/(?!\.\.?$)(?!
 BRANCH_PATTERN = (r"(?![-/])(?!@$)(?!.*\.\.)(?!.*//)(?!.*\.lock(?:/|$))(?!(?:.*/)?\.)"
                   r"[A-Za-z0-9._+@/-]{0,254}[A-Za-z0-9_+@-]")
 TOKEN_PATTERN = r"[A-Za-z0-9_]{1,255}"
+COMMIT_PATTERN = r"[0-9a-fA-F]{7,40}"  # a full or abbreviated commit sha
 # any text but control characters (tab, newline, carriage return allowed) and lone surrogates (not UTF-8)
 QUESTION_PATTERN = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]*"
 _REPO = re.compile(REPO_PATTERN)
 _BRANCH = re.compile(BRANCH_PATTERN)
 _TOKEN = re.compile(TOKEN_PATTERN)
+_COMMIT = re.compile(COMMIT_PATTERN)
 _QUESTION = re.compile(QUESTION_PATTERN)
 _JOB_ID = re.compile(r"[a-f0-9]{32}")
 _FIELD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -32,7 +34,7 @@ CALLBACK_URL_PATTERN = (r"https?://[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9]
                         r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
                         r"|[1-9][0-9]{0,3}))?(?:[/?#][\x21-\x7e]{0,1700})?")
 _CALLBACK_URL = re.compile(CALLBACK_URL_PATTERN)
-FIELDS = ("repo", "branch", "question", "github_token", "callback_url")
+FIELDS = ("repo", "branch", "commit_id", "question", "github_token", "callback_url")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 LIST_STATUSES = tuple(status.value for status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED))
 
@@ -56,6 +58,7 @@ class AnalyzeRequest:
     question: str
     github_token: str | None
     callback_url: str | None = None
+    commit_id: str | None = None  # lower-case hex; None: the branch head, pinned by the worker when it can be
 
 
 def _string(body: dict[str, Any], name: str, default: str | None = None) -> str | None:
@@ -114,7 +117,11 @@ def analyze_request(body: Any) -> AnalyzeRequest:
     callback_url = _string(body, "callback_url")
     if callback_url is not None and not _CALLBACK_URL.fullmatch(callback_url):
         raise ValidationError("callback_url must be an http(s) URL of at most 2048 characters", field="callback_url")
-    return AnalyzeRequest(repo, branch, question, token or None, callback_url or None)
+    commit_id = _string(body, "commit_id")
+    if commit_id is not None and not _COMMIT.fullmatch(commit_id):
+        raise ValidationError("commit_id must be a commit sha: 7 to 40 hexadecimal characters", field="commit_id")
+    return AnalyzeRequest(repo, branch, question, token or None, callback_url or None,
+                          commit_id.lower() if commit_id else None)
 
 
 def idempotency_key(value: str | None) -> str | None:

@@ -13,7 +13,6 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import redis
@@ -25,9 +24,13 @@ from ..core.analysis import Step
 from ..core.events import STATUS_UPDATE, final_events, now_iso, retry_details, status_update
 from ..core.job import Change, Job, JobUpdate
 from ..core.model import MESSAGES, JobStatus, Stage, can_move
-from ..potpie.client import PermanentPotpieError, PotpieClient, TransientPotpieError
+from ..github import GitHubClient
+from ..potpie.client import PermanentPotpieError, PotpieClient, TransientPotpieError, Trace
 from ..store.jobs import JobStore
 from ..store.leases import LeaseKeeper, lease_ttl
+from .agents import AgentRuns
+from .outcomes import Advance, End, JobFailed
+from .parsing import Parsing
 
 log = logging.getLogger(__name__)
 
@@ -63,31 +66,15 @@ def _ignore(_change: Change) -> None:
     """The default observer: nothing to do."""
 
 
-@dataclass
-class Advance:
-    """The job goes on: its new state and fields, and how long until its next step (0: at once)."""
-
-    status: JobStatus
-    update: JobUpdate = field(default_factory=dict)
-    wait: float = 0.0
-    retry_in: float | None = None  # a retry: its delay, told in the event
-
-
-@dataclass
-class End:
-    """The job ends (finished or failed)."""
-
-    status: JobStatus
-    update: JobUpdate = field(default_factory=dict)
+# What a step records for bookkeeping only (not news: a poll that changed nothing else writes nothing; the value
+# rides along with the job's next commit).
+BOOKKEEPING = frozenset({"potpie_calls"})
 
 
 def _is_news(job: Job, change: Advance) -> bool:
     """Whether the change alters the job (a state, a parse status, progress...) rather than repeat it."""
-    return change.status is not job.status or any(getattr(job, name) != value for name, value in change.update.items())
-
-
-class JobFailed(Exception):
-    """A step found that the job cannot succeed; the message is the failed_reason."""
+    return change.status is not job.status or any(
+        getattr(job, name) != value for name, value in change.update.items() if name not in BOOKKEEPING)
 
 
 class Pipeline:
@@ -95,14 +82,16 @@ class Pipeline:
 
     def __init__(self, settings: Settings, store: JobStore, potpie: PotpieClient, dispatch: Dispatch,
                  reveal_token: Callable[[str], str | None], observe: Observe = _ignore,
-                 waits: Waits | None = None) -> None:
+                 waits: Waits | None = None, github: GitHubClient | None = None) -> None:
         self.settings = settings
         self.waits = waits or NoWaits()
         self.observe = observe
         self.store = store
         self.potpie = potpie
         self.dispatch = dispatch
-        self.reveal_token = reveal_token
+        self.parsing = Parsing(settings, store, potpie, github or GitHubClient(settings.github_api_url), reveal_token)
+        self.agents = AgentRuns(store, potpie)
+        self.agent_problem: str | None = None  # set when Potpie does not list POTPIE_AGENT_ID (checked at start-up)
         self.lease_s = lease_ttl(settings)
         self.leases = LeaseKeeper(store, self.lease_s)
         self.calls = green.Abortable()  # a cancelled job's Potpie call is aborted (cancels.py)
@@ -149,7 +138,9 @@ class Pipeline:
             due = time.time() + change.wait
             # A poll that found nothing new, while this run waits itself, has nothing to write or announce: the
             # job keeps its seq, and if this worker dies the lapsed lease lets the sweeper re-run that same step.
-            if not (keep and change.wait > 0 and not _is_news(job, change)):
+            if keep and change.wait > 0 and not _is_news(job, change):
+                job.apply({name: change.update[name] for name in BOOKKEEPING & change.update.keys()})
+            else:
                 seq += 1
                 if not self._advance(job, token, seq, change, keep):
                     return "lease_lost"
@@ -178,91 +169,57 @@ class Pipeline:
 
     def _attempt(self, job: Job) -> Advance | End:
         step = analysis.next_step(job)
+        trace = Trace(job.id, step.value, max(1, job.attempts))  # names every Potpie request; counts them
+        outcome: Advance | End
         try:
             with self.calls.watch(job.id):
-                return self._step(step, job)
+                outcome = self._step(step, job, trace)
         except JobFailed as exc:
-            return End(JobStatus.FAILED, {"failed_reason": str(exc)})
+            outcome = End(JobStatus.FAILED, {"failed_reason": str(exc)})
         except PermanentPotpieError as exc:
-            return End(JobStatus.FAILED, {"failed_reason": exc.reason})
+            outcome = End(JobStatus.FAILED, {"failed_reason": exc.reason})
         except TransientPotpieError as exc:
-            return self._retry_or_fail(job, exc.reason, exc.retry_after)
+            outcome = self._retry_or_fail(job, exc.reason, exc.retry_after)
         except redis.RedisError:  # not an attempt: nothing may have reached Potpie (run() puts the step off)
             raise
         except Exception as exc:  # a bug must not wedge the job: count it as a failed attempt
             log.exception("step %s crashed", step.value, extra={"job_id": job.id})
-            return self._retry_or_fail(job, f"internal error in {step.value}: {type(exc).__name__}", None)
+            outcome = self._retry_or_fail(job, f"internal error in {step.value}: {type(exc).__name__}", None)
+        if trace.calls:
+            outcome.update["potpie_calls"] = trace.added_to(job.potpie_calls)
+        return outcome
 
-    def _step(self, step: Step, job: Job) -> Advance | End:
+    def _step(self, step: Step, job: Job, trace: Trace) -> Advance | End:
         working: JobUpdate = {} if job.attempts else {"attempts": 1, "processed_at": now_iso()}
         if step is Step.SUBMIT_PARSE:
-            return self._submit_parse(job, working)
+            return self.parsing.submit(job, working, trace)
         if step is Step.POLL_PARSE:
-            return self._poll_parse(job, working)
+            return self.parsing.poll(job, working, trace)
         if step is Step.CREATE_CONVERSATION:
-            conversation_id = self.potpie.create_conversation(job.potpie_project_id)
+            if self.agent_problem:
+                raise JobFailed(self.agent_problem)
+            conversation_id = self.potpie.create_conversation(job.potpie_project_id, self.settings.potpie_agent_id,
+                                                              trace)
             return Advance(JobStatus.PROCESSING_CONVERSATIONS,
                            {**working, "conversation_id": conversation_id, "progress": int(Stage.CONVERSATION),
                             "message": "Asking Potpie's codebase agent the question..."})
         if step is Step.ASK_QUESTION:
-            reply = self.potpie.send_message(job.conversation_id, analysis.question_of(job))
+            reply = self.agents.ask(job, analysis.question_of(job), trace)
             return Advance(JobStatus.PROCESSING_CONVERSATIONS,
-                           {**working, "answer": reply.text, "citations": reply.citations,
+                           {**working, "answer": reply.text, "agent_session": "",
+                            "citations": reply.citations or analysis.cited_files(reply.text),
                             "progress": int(Stage.ANSWERED),
                             "message": "Answer received; asking for the structured analysis..."})
         if step is Step.ASK_STRUCTURED:
-            reply = self.potpie.send_message(job.conversation_id, analysis.structured_prompt(job))
+            reply = self.agents.ask(job, analysis.structured_prompt(job), trace)
             return Advance(JobStatus.PROCESSING_CONVERSATIONS,
-                           {**working, "analysis_text": reply.text, "progress": int(Stage.ANALYSED),
+                           {**working, "analysis_text": reply.text, "agent_session": "",
+                            "progress": int(Stage.ANALYSED),
                             "message": "Structured analysis received; building the result..."})
         finished_at = now_iso()
         result = analysis.build_result(job, finished_at, int((time.time() - (job.created_ts or time.time())) * 1000))
         return End(JobStatus.FINISHED, {"result": result, "progress": int(Stage.FINISHED),
                                         "finished_at": finished_at, "message": MESSAGES[JobStatus.FINISHED]})
-
-    def _submit_parse(self, job: Job, working: JobUpdate) -> Advance:
-        found = None
-        if job.parse_requested:  # an earlier try sent the request; did it reach Potpie?
-            found = self.potpie.find_project(job.repo, job.branch)
-        if found is None:
-            self.store.mark(job.id, durable=True, parse_requested=True)  # kept across a failover
-            job.parse_requested = True  # this run may go on to a retry of this step itself
-            found = self.potpie.submit_parse(job.repo, job.branch, self._github_token(job))
-        project_id, status = found
-        started = {"potpie_project_id": project_id, "parse_started_at": job.parse_started_at or time.time()}
-        return self._parse_outcome({**working, **started}, status, int(Stage.PARSING))
-
-    def _poll_parse(self, job: Job, working: JobUpdate) -> Advance:
-        started = job.parse_started_at or time.time()
-        if time.time() - started > self.settings.parse_timeout:
-            raise JobFailed(f"Potpie did not finish parsing within PARSE_TIMEOUT ({self.settings.parse_timeout:g} s); "
-                            f"last status: {job.parse_status}")
-        status = self.potpie.parse_status(job.potpie_project_id)
-        return self._parse_outcome(working, status, job.progress)
-
-    def _parse_outcome(self, update: JobUpdate, status: str, progress: int) -> Advance:
-        """What a Potpie parse status means for the job: failed, ready (also straight from a parse request, when
-        Potpie already holds the repository), or still parsing, polled again after the interval."""
-        state = analysis.parse_state(status)
-        if state is JobStatus.FAILED:
-            raise JobFailed("Potpie could not parse the repository (status: error). Check that the repository "
-                            "and branch exist and that Potpie can access them.")
-        if state is JobStatus.READY:
-            return Advance(JobStatus.READY, {**update, "parse_status": status, "parsed_at": now_iso(),
-                                             "progress": int(Stage.READY), "message": MESSAGES[JobStatus.READY]})
-        return Advance(JobStatus.PARSING, {**update, "parse_status": status,
-                                           "progress": analysis.parse_progress(status, progress),
-                                           "message": f"Potpie is parsing the repository (status: {status})"},
-                       wait=self.settings.potpie_poll_interval)
-
-    def _github_token(self, job: Job) -> str | None:
-        if not job.has_github_token:
-            return None
-        token = self.reveal_token(job.id)
-        if token is None:
-            raise JobFailed("the GitHub token could not be read: it expired, or TOKEN_ENCRYPTION_KEY differs "
-                            "between the API and the worker")
-        return token
 
     def _retry_or_fail(self, job: Job, reason: str, retry_after: float | None) -> Advance | End:
         attempts = max(1, job.attempts)

@@ -19,6 +19,7 @@ from ..core.model import JobStatus
 from ..core.submission import StepMessage
 from .batch import GroupCommit
 from .broadcast import Broadcast, broadcast
+from .flights import Flights
 from .keys import Keys
 from .metrics import MetricsRecorder, MetricsSnapshot, read_snapshot
 from .ratelimit import Charge, RateLimiter
@@ -105,6 +106,7 @@ class JobStore:
                     JobStatus.CANCELLED: ttl_failed}
         self._scripts = Scripts(client)
         self._group = GroupCommit(client)
+        self.flights = Flights(self._scripts["flight"], self.keys)
 
     @property
     def channel(self) -> str:

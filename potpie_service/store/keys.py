@@ -3,11 +3,12 @@
 `job:<id>` hash (core/job.py), `job:<id>:lock` step lease, `secret:<id>` encrypted GitHub token, `waiting` zset
 (ticket order), `active` zset (admitted jobs), `finished` / `failed` / `cancelled` zsets (retention indexes),
 `owner:<owner>[:<status>]` zsets (a caller's jobs), `tickets` counter, `durations` list (recent run times),
-`workers` zset (heartbeats), `idem:<owner>:<key>` and `dedup:<owner>:<hash>` (repeat submissions), `metrics`
-hash, `potpie-bucket` hash (the Potpie token bucket), `ratelimit:<identity>:<amount>/<seconds>` counters, `lock:<name>`
-short named locks; the pub/sub channel `cancelled` (ids of jobs as they are cancelled). Socket.IO's channel is
-`psvc-<QUEUE_NAME>` (no colon: python-socketio's own naming). One key is kombu's, not ours: the Celery queue's list
-`<QUEUE_NAME>`, onto which the submit script pushes a job's first step.
+`workers` zset (heartbeats), `flight:<digest>` hash (a Potpie parse in flight, store/flights.py),
+`parse-durations` list (recent parse times), `idem:<owner>:<key>` and `dedup:<owner>:<hash>` (repeat submissions),
+`metrics` hash, `potpie-bucket` hash (the Potpie token bucket), `ratelimit:<identity>:<amount>/<seconds>` counters,
+`lock:<name>` short named locks; the pub/sub channel `cancelled` (ids of jobs as they are cancelled). Socket.IO's
+channel is `psvc-<QUEUE_NAME>` (no colon: python-socketio's own naming). One key is kombu's, not ours: the Celery
+queue's list `<QUEUE_NAME>`, onto which the submit script pushes a job's first step.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Keys:
 
     def rate(self, identity: str, amount: int, seconds: int) -> str:
         return f"{self.prefix}ratelimit:{identity}:{amount}/{seconds}"
+
+    def flight(self, digest: str) -> str:
+        """A parse in flight, shared by the jobs that need that Potpie project (store/flights.py)."""
+        return f"{self.prefix}flight:{digest}"
 
     def named_lock(self, name: str) -> str:
         return f"{self.prefix}lock:{name}"

@@ -42,7 +42,8 @@ class Lua:
 class Scripts:
     """The job store's scripts."""
 
-    NAMES = ("submit", "claim", "commit", "finish", "announce", "admit", "renew", "release", "snapshot", "withdraw")
+    NAMES = ("submit", "claim", "commit", "finish", "announce", "admit", "renew", "release", "snapshot", "withdraw",
+             "flight")
 
     def __init__(self, client: redis.Redis) -> None:
         self._scripts = {name: Lua(client, name) for name in self.NAMES}
