@@ -77,6 +77,13 @@ class Trace:
     attempt: int = 1
     calls: dict[str, int] = field(default_factory=dict)
 
+    def added_to(self, calls: Mapping[str, int]) -> dict[str, int]:
+        """`calls` (a job's Potpie calls by endpoint) with this trace's added."""
+        total = dict(calls)
+        for endpoint, count in self.calls.items():
+            total[endpoint] = total.get(endpoint, 0) + count
+        return total
+
     def request_id(self, endpoint: str) -> str:
         """The next request's id, `psvc-<job>-<step>-a<attempt>-<n>` ([A-Za-z0-9._-], at most 128 characters)."""
         self.calls[endpoint] = self.calls.get(endpoint, 0) + 1
