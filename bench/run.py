@@ -22,7 +22,7 @@ from .common import ROOT, Report, Row, environment, fmt, loadavg
 PREFORK = ["--pool", "prefork", "--concurrency", "4"]
 BENCHMARKS = [("p1_submit", []), ("p2_events", []), ("p3_overhead", []), ("p3_overhead", PREFORK),
               ("p4_waiting", []), ("p4_waiting", ["--latency-ms", "100", "--poll", "2"]),
-              ("p6_slow_agents", ["--name", "P6"]), ("p5_fanout", [])]
+              ("p6_slow_agents", ["--name", "P6"]), ("p7_potpie_calls", []), ("p5_fanout", [])]
 LIMIT_S = 240  # each benchmark is meant to take <= 2 minutes; this only stops one that hangs
 
 
