@@ -92,6 +92,7 @@ class Side:
     connect_cpu_s: float = 0.0
     events_cpu_s: float = 0.0
     events_s: float = 0.0
+    idle_cores: float = 0.0
     clients_connect_cpu_s: float = 0.0
     clients_events_cpu_s: float = 0.0
     clients_mb: float = 0.0
@@ -107,7 +108,8 @@ class Side:
         return (self.connected_mb - self.idle_mb) * 1024 / clients
 
     def cpu_ms_per_event(self) -> float:
-        return self.events_cpu_s * 1000 / max(self.events, 1)
+        """Server CPU per delivered event, less what the idle clients cost meanwhile (their pings)."""
+        return max(self.events_cpu_s - self.idle_cores * self.events_s, 0.0) * 1000 / max(self.events, 1)
 
 
 def followed_all(follower: dict[str, Any], expected: list[int]) -> bool:
@@ -129,6 +131,9 @@ def measure(side: Side, url: str, pid: int, jobs: list[str], items: list[Any], m
         side.failed, side.clients_connect_cpu_s = ready["failed"], ready["client_cpu_s"]
         time.sleep(args.settle)
         side.connected_mb = tree_rss_mb(pid)
+        cpu = tree_cpu_s(pid)
+        time.sleep(args.idle)  # one ping interval: from here on each client pings at its own steady pace
+        side.idle_cores = (tree_cpu_s(pid) - cpu) / args.idle
         items_file = Path(tempfile.mkdtemp(prefix="psvc-peer-")) / f"{side.name}.json"
         items_file.write_text(json.dumps(items))
         with PeakRss(pid) as peak:
@@ -222,7 +227,10 @@ def rows(report: Report, node: Side, ours: Side, args: argparse.Namespace) -> No
         Row(name, "server CPU ms per delivered event", round(node.cpu_ms_per_event(), 3),
             round(ours.cpu_ms_per_event(), 3), "report", None,
             f"CPU s over the events: Node {node.events_cpu_s:.2f} in {node.events_s:.1f} s, API "
-            f"{ours.events_cpu_s:.2f} in {ours.events_s:.1f} s (idle clients' pings included)"),
+            f"{ours.events_cpu_s:.2f} in {ours.events_s:.1f} s, less the idle rate over as long"),
+        Row(name, f"server CPU cores with {n} idle clients (pings)", round(node.idle_cores, 3),
+            round(ours.idle_cores, 3), "report", None,
+            f"over {args.idle:g} s after the settle (pings every 20 s on both)"),
         Row(name, f"server CPU s to connect {n} clients", round(node.connect_cpu_s, 2), round(ours.connect_cpu_s, 2),
             "report", None, f"connect + join of all clients, s: Node {node.connect_s:.1f}, API {ours.connect_s:.1f}"),
     ]
@@ -235,7 +243,7 @@ def rows(report: Report, node: Side, ours: Side, args: argparse.Namespace) -> No
                    f"{f} following a job each, auth: {{token}}",
         "events": f"{len(node.latencies) // max(f, 1)} per follower (5 status_update + analysis_complete), "
                   f"published at {args.rate:g}/s by one process (bench/node/publisher.js)",
-        "client generator CPU s, connect / events (Node / API)":
+        "client generator CPU s, connect / the rest: idle and events (Node / API)":
             f"{node.clients_connect_cpu_s:.1f} / {node.clients_events_cpu_s:.1f}, "
             f"{ours.clients_connect_cpu_s:.1f} / {ours.clients_events_cpu_s:.1f}",
         "client generator RSS MB (Node / API)": f"{node.clients_mb:.0f} / {ours.clients_mb:.0f}",
@@ -251,6 +259,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-flight", type=int, default=200, help="clients connecting at once")
     parser.add_argument("--rate", type=float, default=500.0, help="events published per second")
     parser.add_argument("--settle", type=float, default=2.0, help="s after the last connect before RSS is read")
+    parser.add_argument("--idle", type=float, default=20.0,
+                        help="s of idle clients measured after that (one ping interval), before the events")
     parser.add_argument("--connect-timeout", type=float, default=150.0)
     parser.add_argument("--timeout", type=float, default=120.0)
 
