@@ -168,7 +168,7 @@ def node_side(redis_url: str, jobs: list[str], items: list[Any], publisher: Node
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: requests.get(url + "/livez", timeout=1).ok or not server.alive(), 20, what="node server")
         assert server.alive(), server.log()[-3000:]
-        return measure(Side("node"), url, server.proc.pid, jobs, items, "emitter", publisher, args)  # type: ignore
+        return measure(Side("node"), url, server.proc.pid, jobs, items, "emitter", publisher, args)  # type: ignore[union-attr]
     finally:
         server.stop()
 
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> Report:
                              timeout=30).json()["job_id"] for i in range(args.followers)]
         node_items, api_items = publications(jobs, f"psvc-{env['QUEUE_NAME']}")
         node = node_side(server.url, jobs, node_items, publisher, args)
-        ours = measure(Side("api"), url, api.proc.pid, jobs, api_items, "raw", publisher, args)  # type: ignore
+        ours = measure(Side("api"), url, api.proc.pid, jobs, api_items, "raw", publisher, args)  # type: ignore[union-attr]
     finally:
         publisher.stop()
         if api:
