@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUNTIME_STAMP := $(VENV)/.installed-runtime
+NODE_STAMP := bench/node/node_modules/.package-lock.json
 
 .PHONY: install test test-fast dev bench lint constraints clean
 
@@ -32,10 +33,13 @@ dev: $(RUNTIME_STAMP) ## the whole stack in the foreground: Redis, simulator (wi
 	@scripts/ensure-tool.sh redis-server redis-server "make dev starts a Redis when none answers (or REDIS=fresh)"
 	DEV_REDIS=$(REDIS) $(PY) scripts/dev.py
 
-bench: install ## benchmarks; writes docs/performance.md
+bench: install $(NODE_STAMP) ## benchmarks; writes docs/performance.md
 	@scripts/ensure-tool.sh wrk wrk "the P1 benchmark load generator"
-	test -d bench/node/node_modules/socket.io-client || npm ci --prefix bench/node --no-audit --no-fund
 	$(PY) -m bench.run
+
+$(NODE_STAMP): bench/node/package-lock.json  # P5's clients, P5 peer's Node server and publisher
+	npm ci --prefix bench/node --no-audit --no-fund
+	touch $(NODE_STAMP)
 
 lint: $(STAMP) ## style (ruff.toml), types (mypy, setup.cfg) and the import layers (import-linter, setup.cfg)
 	$(PY) -m ruff check potpie_service workers tests bench scripts

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -32,14 +33,12 @@ NODE = ROOT / "bench" / "node"
 RSS_LIMIT_MB = 1536
 
 
-class Clients:
-    """The Node process holding the clients; reads its JSON lines."""
+class NodeLines:
+    """A Node process of bench/node that talks in JSON lines: commands on its stdin, messages on its stdout."""
 
-    def __init__(self, url: str, total: int, jobs: list[str], in_flight: int) -> None:
-        jobs_file = Path(tempfile.mkdtemp(prefix="psvc-p5-")) / "jobs.json"
-        jobs_file.write_text(json.dumps(jobs))
-        self.proc = subprocess.Popen(["node", str(NODE / "p5_clients.js"), url, str(total), str(jobs_file),
-                                      str(in_flight)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(["node", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         self.last: dict[str, Any] = {}
 
     def until(self, kind: str, timeout: float) -> dict[str, Any]:
@@ -49,23 +48,38 @@ class Clients:
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"the Node clients exited (code {self.proc.poll()}) before '{kind}'")
+                raise RuntimeError(f"node {self.proc.args[1]} exited (code {self.proc.poll()}) before '{kind}'")
             message = json.loads(line)
             self.last = message
             if message["type"] == kind:
                 return message
-        raise TimeoutError(f"no '{kind}' from the Node clients within {timeout:.0f} s (last: {self.last})")
+        raise TimeoutError(f"no '{kind}' from node {self.proc.args[1]} within {timeout:.0f} s (last: {self.last})")
 
-    def report(self) -> dict[str, Any]:
+    def send(self, line: str) -> None:
+        """Write one command line to the process."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write("report\n")
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
-        return self.until("report", 60)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+class Clients(NodeLines):
+    """The Node process holding the clients (bench/node/p5_clients.js); with `token`, each presents it as
+    `auth: {token}`."""
+
+    def __init__(self, url: str, total: int, jobs: list[str], in_flight: int, token: str | None = None) -> None:
+        jobs_file = Path(tempfile.mkdtemp(prefix="psvc-p5-")) / "jobs.json"
+        jobs_file.write_text(json.dumps(jobs))
+        super().__init__([str(NODE / "p5_clients.js"), url, str(total), str(jobs_file), str(in_flight)],
+                         {"P5_TOKEN": token} if token else None)
+
+    def report(self) -> dict[str, Any]:
+        self.send("report")
+        return self.until("report", 60)
 
 
 def complete(follower: dict[str, Any]) -> bool:

@@ -22,7 +22,8 @@ from .common import ROOT, Report, Row, environment, fmt, loadavg
 PREFORK = ["--pool", "prefork", "--concurrency", "4"]
 BENCHMARKS = [("p1_submit", []), ("p2_events", []), ("p3_overhead", []), ("p3_overhead", PREFORK),
               ("p4_waiting", []), ("p4_waiting", ["--latency-ms", "100", "--poll", "2"]),
-              ("p6_slow_agents", ["--name", "P6"]), ("p7_potpie_calls", []), ("p5_fanout", [])]
+              ("p6_slow_agents", ["--name", "P6"]), ("p7_potpie_calls", []), ("p5_fanout", []), ("p5_peer", [])]
+PEER = "P5 peer"  # the report whose rows compare the API (ours) with a Node socket.io 4 server (baseline)
 LIMIT_S = 240  # each benchmark is meant to take <= 2 minutes; this only stops one that hangs
 
 
@@ -61,6 +62,7 @@ def markdown(reports: list[Report], env: dict[str, str], started: str) -> str:
             verdict = {True: "yes", False: "**no**", None: "-"}[row.passed]
             lines.append(f"| {row.benchmark} | {row.metric} | {fmt(row.baseline)} | {fmt(row.ours)} | "
                          f"{fmt(row.ratio)} | {row.target} | {verdict} |")
+    lines += peer_table(reports)
     lines += ["", "## Environment", ""]
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += ["", "## Details", ""]
@@ -76,6 +78,24 @@ def markdown(reports: list[Report], env: dict[str, str], started: str) -> str:
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
     return "\n".join(lines)
+
+
+def peer_table(reports: list[Report]) -> list[str]:
+    """The peer table: the same clients and events against a bare Node socket.io 4 server and the API, same run."""
+    peer = next((report for report in reports if report.name == PEER), None)
+    if peer is None or not peer.rows or peer.rows[0].metric == "crashed":
+        return []
+    lines = ["", "## Peer: the API against Node socket.io 4, same clients, same run", "",
+             "The Node original this service rebuilds (Express, socket.io, BullMQ) measured 16.3 KiB per socket and "
+             "1.1 ms event p50 on this machine (issue 31); `bench/node/server.js` stands in for it (P5 peer in the "
+             "details).", "",
+             "| metric | Node socket.io 4 | API | API / Node | target | pass |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in peer.rows:
+        verdict = {True: "yes", False: "**no**", None: "-"}[row.passed]
+        lines.append(f"| {row.metric} | {fmt(row.baseline)} | {fmt(row.ours)} | {fmt(row.ratio)} | {row.target} | "
+                     f"{verdict} |")
+    return lines
 
 
 def main() -> int:
