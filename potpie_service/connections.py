@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import ssl
-from typing import Any
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
 import redis
@@ -14,14 +15,76 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
+from .circuit import Breaker, CircuitOpen
 from .config import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Short timeouts so a dead Redis turns into an error quickly, never a hang.
 CONNECT_TIMEOUT = 0.6
 SOCKET_TIMEOUT = 5.0
+API_SOCKET_TIMEOUT = 1.5  # an API request answers within ~2 s whatever Redis does (a silent Redis: 503)
 HEALTH_CHECK_INTERVAL = 10
+
+
+def api_timeout(settings: Settings) -> float:
+    """The API's Redis socket timeout: short, but longer than a durable submit's WAIT for its replicas."""
+    waits = settings.redis_min_replicas_timeout_ms / 1000 + 0.5 if settings.redis_min_replicas_ack else 0.0
+    return max(API_SOCKET_TIMEOUT, waits)
+
+
+class RedisSilent(redis.exceptions.ConnectionError):
+    """Not sent: Redis timed out moments ago (the circuit is open); a connection error to callers."""
+
+
+class GuardedRetry(Retry):
+    """redis-py's retry policy with a circuit breaker: one quick retry on a connection error (a pooled connection
+    a Redis restart broke), none on a timeout (a silent Redis would make it wait twice); a timeout opens the
+    breaker, any answer closes it. redis-py runs every command, pipeline and connect through `call_with_retry`."""
+
+    def __init__(self, breaker: Breaker) -> None:
+        super().__init__(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        self.breaker = breaker
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "GuardedRetry":
+        """redis-py copies the retry policy into each connection: the copies share the one breaker."""
+        return GuardedRetry(self.breaker)
+
+    def call_with_retry(self, do: Callable[[], T], fail: Any, is_retryable: Any = None,
+                        with_failure_count: bool = False) -> T:
+        try:
+            result = super().call_with_retry(do, fail, is_retryable, with_failure_count)
+        except (redis.exceptions.TimeoutError, socket.timeout):
+            self.breaker.timed_out()
+            raise
+        except redis.exceptions.ConnectionError:
+            raise
+        except redis.exceptions.RedisError:  # an error Redis answered with (NOSCRIPT, WRONGTYPE...): it is there
+            self.breaker.answered()
+            raise
+        self.breaker.answered()
+        return result
+
+
+class GuardedPool:
+    """A connection pool that fails a call at once while its GuardedRetry's breaker is open, before the call waits
+    for a connection (mixed in before redis-py's pool class)."""
+
+    connection_kwargs: dict[str, Any]
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        retry = self.connection_kwargs.get("retry")
+        if isinstance(retry, GuardedRetry):
+            try:
+                retry.breaker.admit()
+            except CircuitOpen as exc:
+                raise RedisSilent(str(exc)) from None
+        return super().get_connection(*args, **kwargs)  # type: ignore[misc]
+
+
+class GuardedBlockingPool(GuardedPool, redis.BlockingConnectionPool):
+    """redis-py's blocking pool behind the breaker."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,21 +138,23 @@ def _tls_files(settings: Settings) -> dict[str, str]:
     return {name: path for name, path in files.items() if path}
 
 
-def redis_options(settings: Settings, socket_timeout: float | None = SOCKET_TIMEOUT) -> dict[str, Any]:
-    """Keyword arguments for `redis.Redis.from_url` shared by every Redis client of the service."""
+def redis_options(settings: Settings, socket_timeout: float | None = SOCKET_TIMEOUT,
+                  retry: Retry | None = None) -> dict[str, Any]:
+    """Keyword arguments for `redis.Redis.from_url` shared by every Redis client of the service. The retry: one
+    quick retry on a connection error (it heals a pooled connection after a Redis restart), none on a timeout."""
     return {
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_timeout": socket_timeout,
         "socket_keepalive": True,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
-        "retry": Retry(NoBackoff(), 1),  # one quick retry heals a pooled connection after a Redis restart
+        "retry": retry or Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
         **tls_options(settings),
     }
 
 
-class SentinelBlockingPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+class SentinelBlockingPool(GuardedPool, SentinelConnectionPool, redis.BlockingConnectionPool):
     """The master's address from the sentinels (asked again when a connection breaks), with the blocking pool's
-    bound: callers past `max_connections` wait their turn instead of failing."""
+    bound (callers past `max_connections` wait their turn instead of failing) and the breaker."""
 
 
 def where(settings: Settings) -> str:
@@ -124,19 +189,19 @@ def sentinel_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def make_redis(settings: Settings, socket_timeout: float | None = SOCKET_TIMEOUT) -> redis.Redis:
-    """A Redis client for the job store and health checks: a blocking pool of REDIS_MAX_CONNECTIONS, so a thousand
-    greenlets (or API threads) share a bounded set of connections, waiting their turn at most SOCKET_TIMEOUT
-    (redis-py's own pool stops at 100 and raises instead). With sentinels, on the master they name."""
-    bound = {"max_connections": settings.redis_max_connections, "timeout": SOCKET_TIMEOUT}
+def make_redis(settings: Settings, socket_timeout: float = SOCKET_TIMEOUT) -> redis.Redis:
+    """A Redis client for the job store: a blocking pool of REDIS_MAX_CONNECTIONS, so a thousand greenlets (or API
+    threads) share a bounded set of connections, waiting their turn at most `socket_timeout` (redis-py's own pool
+    stops at 100 and raises instead), behind a circuit breaker: after a call timed out, calls fail at once for a
+    second, then one probes (circuit.py). With sentinels, on the master they name."""
+    bound = {"max_connections": settings.redis_max_connections, "timeout": socket_timeout}
+    options = redis_options(settings, socket_timeout, GuardedRetry(Breaker()))
     if settings.redis_sentinels:
         sentinel = Sentinel(list(settings.redis_sentinels), sentinel_kwargs=sentinel_options(settings))
         return sentinel.master_for(settings.redis_sentinel_master, connection_pool_class=SentinelBlockingPool,
                                    decode_responses=True, **bound, **node_options(settings),
-                                   **({"ssl": True} if settings.redis_tls else {}),
-                                   **redis_options(settings, socket_timeout))
-    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, decode_responses=True, **bound,
-                                                 **redis_options(settings, socket_timeout))
+                                   **({"ssl": True} if settings.redis_tls else {}), **options)
+    pool = GuardedBlockingPool.from_url(settings.redis_url, decode_responses=True, **bound, **options)
     return redis.Redis(connection_pool=pool)
 
 

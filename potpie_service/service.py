@@ -77,9 +77,17 @@ class JobService:
             log.error("cannot queue the job: %s (REDIS_MIN_REPLICAS_ACK)", exc)
             raise Unavailable(f"the job was not queued: {exc} (REDIS_MIN_REPLICAS_ACK={exc.wanted}); nothing was "
                               "kept, try again later") from None
+        except redis.exceptions.TimeoutError:  # sent, then no answer: it may have run, or may yet (the deadline)
+            log.error("cannot queue the job: Redis did not answer in time")
+            raise Unavailable("Redis did not answer in time: the job may have been queued; retry with the same "
+                              "Idempotency-Key to get it if it was (a late arrival past the deadline is refused)",
+                              retry_with="Idempotency-Key") from None
         except redis.RedisError as exc:
             log.error("cannot queue the job: Redis unavailable (%s)", type(exc).__name__)
             raise Unavailable("Redis connection failed: the job was not queued; try again later") from None
+        if submitted.outcome == "late":
+            log.error("cannot queue the job: Redis answered past the submit's deadline")
+            raise Unavailable("Redis answered too late: the job was not queued; try again later")
         if submitted.outcome == "limited":
             raise RateLimited("Too many requests: slow down and retry after the time in the Retry-After header")
         if submitted.outcome == "conflict":

@@ -22,7 +22,7 @@ from ..potpie.client import PotpieClient
 from ..queue import FirstSteps, dispatcher, make_celery, run_stopper
 from ..service import JobService
 from ..store import make_store
-from ..connections import socketio_manager_args, tls_problem
+from ..connections import api_timeout, socketio_manager_args, tls_problem
 from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
 from .context import EXTENSION, ApiContext, ConnectionCount
@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if isinstance(app.json, DefaultJSONProvider):
         app.json.sort_keys = False  # answers keep the order the service builds them in
     auth = Authenticator(settings.api_keys, settings.ops_api_keys, settings.auth_disabled)
-    store = make_store(settings)
+    store = make_store(settings, api_timeout(settings))
     celery = make_celery(settings)
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout, attempts=1)
     service = JobService(settings, store, dispatcher(celery, settings), TokenCipher(settings.token_encryption_key),

@@ -27,7 +27,8 @@ class Conflict(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """A dependency (Redis) cannot be reached; nothing was done."""
+    """A dependency (Redis) cannot be reached or answered too late; the message says whether anything may have been
+    done (a submit Redis never answered may have been queued)."""
 
 
 class RateLimited(ServiceError):

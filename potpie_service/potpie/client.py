@@ -166,9 +166,10 @@ def check(response: Response, what: str = "") -> None:
     if status == 401:
         raise KeyRejected(described(_PERMANENT[401], response), status)
     if status >= 500 or status == 408:
-        # `what` names a call whose 500 means the work ran and failed (an agent run): it reached Potpie
+        # `what` names a call whose 500 means the work ran and failed (an agent run): it reached Potpie. A 502-504
+        # is a gateway's, or the server's "temporarily unavailable": nothing ran.
         ran = bool(what) and status in (500, 501)
-        raise TransientPotpieError(described(what or "Potpie server error", response), status, reached=ran)
+        raise TransientPotpieError(described(what if ran else "Potpie server error", response), status, reached=ran)
     raise PermanentPotpieError(described(_PERMANENT.get(status, "Potpie refused the request"), response), status)
 
 

@@ -4,12 +4,13 @@ token bucket), each change an atomic Lua script (store/lua/). The only package t
 from __future__ import annotations
 
 from ..config import Settings
-from ..connections import make_redis
+from ..connections import SOCKET_TIMEOUT, make_redis
 from .jobs import Durability, JobStore
 
 
-def make_store(settings: Settings) -> JobStore:
-    """The job store on the service's Redis."""
-    return JobStore(make_redis(settings), settings.queue_name, settings.max_concurrent_jobs,
+def make_store(settings: Settings, timeout: float = SOCKET_TIMEOUT) -> JobStore:
+    """The job store on the service's Redis (`timeout`: its socket timeout; the API's is shorter)."""
+    return JobStore(make_redis(settings, timeout), settings.queue_name, settings.max_concurrent_jobs,
                     settings.job_ttl_completed, settings.job_ttl_failed,
-                    Durability(settings.redis_min_replicas_ack, settings.redis_min_replicas_timeout_ms))
+                    Durability(settings.redis_min_replicas_ack, settings.redis_min_replicas_timeout_ms),
+                    submit_budget_s=timeout)

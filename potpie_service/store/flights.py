@@ -18,7 +18,7 @@ from typing import Any
 from .keys import Keys
 from .scripts import Lua
 
-READY_KEPT_S = 300.0
+READY_KEPT_S = 300.0  # at most; no longer than finished jobs are kept (JOB_TTL_COMPLETED)
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,10 @@ def _seconds(raw: str) -> float | None:
 class Flights:
     """The parse flights of one queue's store."""
 
-    def __init__(self, script: Lua, keys: Keys) -> None:
+    def __init__(self, script: Lua, keys: Keys, kept_s: float = READY_KEPT_S) -> None:
         self._script = script
         self._keys = keys
+        self._kept_s = min(kept_s, READY_KEPT_S)
 
     def key(self, identity: str) -> str:
         """The flight's Redis key for a project identity (core.analysis.parse_identity)."""
@@ -84,7 +85,7 @@ class Flights:
 
     def publish(self, key: str, project_id: str, status: str, now: float, ttl_s: float) -> None:
         """The leader's /parse answered: every follower takes the project from here."""
-        self._call(key, "publish", now, project_id=project_id, status=status, ttl_s=ttl_s, done_ttl_s=READY_KEPT_S)
+        self._call(key, "publish", now, project_id=project_id, status=status, ttl_s=ttl_s, done_ttl_s=self._kept_s)
 
     def poll_turn(self, key: str, now: float, max_age: float, claim_s: float) -> PollTurn:
         """This job's turn to poll Potpie, or the status another job read less than `max_age` seconds ago."""
@@ -94,4 +95,4 @@ class Flights:
 
     def record(self, key: str, status: str, now: float) -> None:
         """The status a poll read, for the flight's other jobs (and the parse's duration, when it is ready)."""
-        self._call(key, "record", now, status=status, done_ttl_s=READY_KEPT_S)
+        self._call(key, "record", now, status=status, done_ttl_s=self._kept_s)

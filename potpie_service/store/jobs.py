@@ -97,8 +97,13 @@ class JobStore:
     """Job records and the admission queue, shared by the API and every worker."""
 
     def __init__(self, client: redis.Redis, queue_name: str, max_concurrent: int,
-                 ttl_completed: int, ttl_failed: int, durability: Durability = Durability()) -> None:
+                 ttl_completed: int, ttl_failed: int, durability: Durability = Durability(),
+                 submit_budget_s: float = 0.0) -> None:
         self._redis = client
+        # A submit the caller gave up on (its answer was a 503) must not run when it reaches Redis late: the script
+        # refuses past call time + this budget, on Redis' clock (the offset from ours learnt from its replies).
+        self.submit_budget_s = submit_budget_s
+        self._redis_minus_local_ms = 0.0
         self.durability = durability
         self.keys = Keys(queue_name)
         self.max_concurrent = max_concurrent
@@ -106,7 +111,7 @@ class JobStore:
                     JobStatus.CANCELLED: ttl_failed}
         self._scripts = Scripts(client)
         self._group = GroupCommit(client)
-        self.flights = Flights(self._scripts["flight"], self.keys)
+        self.flights = Flights(self._scripts["flight"], self.keys, kept_s=ttl_completed)
 
     @property
     def channel(self) -> str:
@@ -136,11 +141,14 @@ class JobStore:
         rate_keys = unpaid.keys if unpaid else []
         rate = dict(rate_windows_ms=unpaid.windows_ms, rate_amounts=unpaid.amounts) if unpaid else {}
         step = first_step if first_step and not self.durability.replicas else StepMessage("", "", "")
-        args = dict(prefix=keys.prefix, max=self.max_concurrent, now=time.time(), id=job.id, fields=job.to_hash(),
+        called = time.time()
+        deadline_ms = int((called + self.submit_budget_s) * 1000 + self._redis_minus_local_ms) \
+            if self.submit_budget_s else 0
+        args = dict(prefix=keys.prefix, max=self.max_concurrent, now=called, id=job.id, fields=job.to_hash(),
                     secret=secret, secret_ttl=secret_ttl, use_idempotency=bool(dedup.idempotency_key),
                     request_hash=dedup.request_hash, idempotency_ttl=dedup.idempotency_ttl,
                     use_dedup=bool(dedup.request_key), owner_ttl=max(self.ttl.values()),
-                    step_event_channel=step.event_channel, **rate)
+                    step_event_channel=step.event_channel, deadline_ms=deadline_ms, **rate)
         raw = (step.body, step.event)
         if not self.durability.replicas:
             reply, acked = self._grouped("submit", job_keys + rate_keys, raw, args), 0
@@ -148,7 +156,10 @@ class JobStore:
             pipe = self._redis.pipeline(transaction=False)
             self._scripts.call("submit", job_keys + rate_keys, client=pipe, raw=raw, **args)
             reply, acked = self._wait(pipe)
-        if unpaid:
+        # Redis' clock against ours, as of this reply (it left Redis before we read it: an underestimate, which
+        # only makes the next deadline stricter)
+        self._redis_minus_local_ms = float(reply[5]) - time.time() * 1000
+        if unpaid and reply[0] != "late":
             unpaid.reply = [int(value) for value in reply[4]]  # counted, even if the job is taken back below
         if self.durability.replicas and reply[0] == "created" and acked < self.durability.replicas:
             self._scripts.call("withdraw", [job_keys[0], *job_keys[1:3], *job_keys[4:]], prefix=keys.prefix,
@@ -276,9 +287,10 @@ class JobStore:
         rank: int | None = self._redis.zrank(self.keys.index("waiting"), job_id)  # type: ignore[assignment]
         return None if rank is None else rank + 1
 
-    def overdue(self, grace_s: float) -> list[Overdue]:
-        """Active jobs whose next step is overdue by `grace_s` with no lease held; the slots of vanished jobs
-        are freed on the way. Two round trips, no scan."""
+    def overdue(self, grace_s: float, first_grace_s: float | None = None) -> list[Overdue]:
+        """Active jobs whose next step is overdue by `grace_s` (`first_grace_s` for an admitted job whose first step
+        never started) with no lease held; the slots of vanished jobs are freed on the way. Two round trips, no
+        scan."""
         ids: list[str] = self._redis.zrange(self.keys.index("active"), 0, -1)  # type: ignore[assignment]
         pipe = self._redis.pipeline(transaction=False)
         for job_id in ids:
@@ -289,7 +301,9 @@ class JobStore:
         for job_id, (status, seq, next_due), leased in zip(ids, replies[::2], replies[1::2]):
             if status is None:
                 self._redis.zrem(self.keys.index("active"), job_id)
-            elif not JobStatus(status).terminal and not leased and now >= float(next_due or 0) + grace_s:
+            elif (not JobStatus(status).terminal and not leased
+                  and now >= float(next_due or 0) + (first_grace_s if first_grace_s is not None and status ==
+                                                     JobStatus.QUEUED.value and int(seq or 0) == 0 else grace_s)):
                 late.append(Overdue(job_id, int(seq or 0), now - float(next_due or 0)))
         return late
 

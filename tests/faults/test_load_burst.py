@@ -91,7 +91,7 @@ def test_burst_of_5000_jobs_all_finish_once_and_memory_returns(own_redis, sim_pr
     client = own_redis.client()
     wait_for(lambda: not any(True for _ in client.scan_iter(prefix + "job:*", count=1000)), TTL + 15,
              interval=0.5, what="every job record to expire")
-    allowed = {prefix + name for name in ("tickets", "durations", "lock:sweeper", "metrics")}
+    allowed = {prefix + name for name in ("tickets", "durations", "parse-durations", "lock:sweeper", "metrics")}
 
     def leftovers() -> set[bytes]:  # kombu's unacked keys live a moment around each heartbeat; the jobs' stay
         return set(client.scan_iter()) - keys_before - allowed

@@ -117,7 +117,7 @@ def test_bad_gateway_is_retried_and_a_lasting_one_fails_with_the_reason(redis_se
     done, failed = (stack.wait_final(job_id, timeout=40) for job_id in (once, always))
     assert done["status"] == "finished" and done["attempts"] == 1, "each 502 was absorbed by a retry in the step"
     assert failed["status"] == "failed" and failed["attempts"] == 3
-    assert "Potpie server error (502)" in failed["details"]["failed_reason"]
+    assert "Potpie server error (HTTP 502)" in failed["details"]["failed_reason"]
     assert "gave up after 3 attempts" in failed["details"]["failed_reason"]
     assert front.bad >= 5 + 9, "the first try of each of the five calls, three tries in each of three attempts"
     assert simulator_stats(sim)["parse_calls"] == {"octocat/gateway-once@main": 1, "octocat/gateway@main": 1}

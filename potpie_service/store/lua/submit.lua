@@ -3,11 +3,19 @@
 -- KEYS: 1 job, 2 waiting, 3 active, 4 tickets, 5 owner index, 6 secret, 7 idempotency key, 8 dedup key,
 --       9 the Celery queue (kombu's list), 10... the caller's rate-limit counters (none: not limited here)
 -- a: prefix, max, now, id, fields, secret ('' for none), secret_ttl, use_idempotency, request_hash,
---    idempotency_ttl, use_dedup, owner_ttl, step_event_channel, rate_windows_ms, rate_amounts
+--    idempotency_ttl, use_dedup, owner_ttl, step_event_channel, rate_windows_ms, rate_amounts,
+--    deadline_ms (on Redis' clock; 0: none)
 -- ARGV[2]: the first step's message ('' for none), ARGV[3]: its task-sent event
--- Returns {outcome, job id, rank, admitted, rate counts}; over a rate limit nothing is stored ('limited').
+-- Returns {outcome, job id, rank, admitted, rate counts, Redis' time in ms}; over a rate limit nothing is stored
+-- ('limited'); past the deadline nothing is done ('late': the API answered 503 already, or is about to).
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rate = {}
-local function found(outcome, id) return {outcome, id, -1, {}, rate} end  -- no job created
+local function found(outcome, id) return {outcome, id, -1, {}, rate, now_ms} end  -- no job created
+if a.deadline_ms > 0 and now_ms > a.deadline_ms then return found('late', '') end
+if redis.call('EXISTS', KEYS[1]) == 1 then  -- the same submit again (a retried pipeline): it is done already
+  return {'created', a.id, redis.call('ZRANK', KEYS[2], a.id) or -1, {}, rate, now_ms}
+end
 if #KEYS > 9 then
   rate = hit_limits({unpack(KEYS, 10)}, a.rate_windows_ms)
   for i, amount in ipairs(a.rate_amounts) do
@@ -54,4 +62,4 @@ if ARGV[2] ~= '' then
   end
 end
 local rank = redis.call('ZRANK', KEYS[2], a.id)
-return {'created', a.id, rank or -1, admitted, rate}
+return {'created', a.id, rank or -1, admitted, rate, now_ms}
