@@ -275,3 +275,28 @@ def test_env_example_documents_every_variable() -> None:
     documented = (ROOT / ".env.example").read_text()
     missing = [f.metadata["env"] for f in fields(Settings) if f"\n{f.metadata['env']}=" not in documented]
     assert missing == []
+
+
+def test_a_job_update_is_typed_with_every_field_of_job_but_its_id() -> None:
+    from dataclasses import fields
+
+    from potpie_service.core.job import JobUpdate
+
+    declared = {f.name: str(f.type).removesuffix(" | None") for f in fields(Job) if f.name != "id"}
+    assert set(JobUpdate.__annotations__) == set(declared), "JobUpdate and Job list different fields"
+    updates = {name: getattr(kind, "__forward_arg__", str(kind))  # None is never written: no "| None" here
+               for name, kind in JobUpdate.__annotations__.items()}
+    assert updates == declared
+
+
+def test_mypy_refuses_a_misspelt_or_mistyped_job_update(tmp_path) -> None:
+    snippet = tmp_path / "update.py"
+    snippet.write_text("from potpie_service.core.job import JobUpdate\n"
+                       "misspelt: JobUpdate = {'progres': 5}\n"
+                       "mistyped: JobUpdate = {'progress': 'five'}\n"
+                       "fine: JobUpdate = {'progress': 5, 'message': 'ok'}\n")
+    checked = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent",
+                              str(snippet)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert 'Extra key "progres" for TypedDict "JobUpdate"' in checked.stdout, checked.stdout
+    assert 'TypedDict item "progress" has type "int"' in checked.stdout, checked.stdout
+    assert checked.stdout.count("error:") == 2, checked.stdout

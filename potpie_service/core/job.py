@@ -1,8 +1,8 @@
 """The job record: one typed value for a job's Redis hash, converted to and from the hash in one place.
 
-The field names are the hash's field names. A change to a job is a `JobUpdate` (field name -> typed value);
-`to_hash` turns either into the strings Redis stores and checks every name, so a typo cannot write a field
-nobody reads.
+The field names are the hash's field names. A change to a job is a `JobUpdate`: a TypedDict of the same fields,
+so mypy refuses a misspelt or mistyped one where the code is written; `to_hash` turns either into the strings
+Redis stores and checks every name again at run time.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ import json
 import time
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any, Mapping, TypedDict
 
 from .model import JobStatus
-
-JobUpdate = dict[str, Any]  # field name -> typed value (str, int, float, bool, list, dict, JobStatus, None)
 
 
 @dataclass
@@ -95,6 +93,56 @@ class Job:
     def terminal(self) -> bool:
         """Whether the job has ended for good."""
         return self.status.terminal
+
+
+class JobUpdate(TypedDict, total=False):
+    """A change to a job: any of Job's fields but its id, each with its type (tests/test_core.py keeps the two in
+    step)."""
+
+    owner: str
+    repo: str
+    branch: str
+    question: str
+    status: JobStatus
+    progress: int
+    message: str
+    attempts: int
+    max_attempts: int
+    created_at: str
+    created_ts: float
+    seq: int
+    event_seq: int
+    has_github_token: bool
+    callback_url: str
+    retry_of: str
+    history: list[str]
+    potpie_project_id: str
+    parse_status: str
+    parse_started_at: float
+    parse_requested: bool
+    parsed_at: str
+    commit_id: str
+    commit_source: str
+    commit_note: str
+    progress_estimated: bool
+    conversation_id: str
+    agent_session: str
+    answer: str
+    citations: list[str]
+    analysis_text: str
+    result: dict[str, Any]
+    potpie_calls: dict[str, int]
+    processed_at: str
+    finished_at: str
+    failed_reason: str
+    last_error: str
+    cancelled_by: str
+    next_due: float
+    status_since: float
+    admitted_at: float
+    webhook_status: str
+    webhook_attempts: int
+    webhook_error: str
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ class Advance:
     """The job goes on: its new state and fields, and how long until its next step (0: at once)."""
 
     status: JobStatus
-    update: JobUpdate = field(default_factory=dict)
+    update: JobUpdate = field(default_factory=lambda: JobUpdate())
     wait: float = 0.0
     retry_in: float | None = None  # a retry: its delay, told in the event
 
@@ -23,7 +23,7 @@ class End:
     """The job ends (finished or failed)."""
 
     status: JobStatus
-    update: JobUpdate = field(default_factory=dict)
+    update: JobUpdate = field(default_factory=lambda: JobUpdate())
 
 
 class JobFailed(Exception):

@@ -47,7 +47,7 @@ class Parsing:
         key, now = self.flights.key(analysis.parse_identity(job)), time.time()
         joined = self.flights.join(key, job.id, now, claim_s=self.settings.step_lease, ttl_s=self.ttl_s)
         if joined.role == "follow":
-            started = {"potpie_project_id": joined.project_id, "parse_started_at": joined.started_at or now}
+            started: JobUpdate = {"potpie_project_id": joined.project_id, "parse_started_at": joined.started_at or now}
             return self._outcome(job, {**working, **started}, joined.status, joined.expected_s)
         if joined.role == "wait":
             return Advance(JobStatus.PARSING, {**working, "progress": max(job.progress, int(Stage.PARSING)),
@@ -68,8 +68,7 @@ class Parsing:
             raise
         project_id, status = found
         self.flights.publish(key, project_id, status, time.time(), self.ttl_s)
-        started = {"potpie_project_id": project_id, "parse_started_at": now}
-        return self._outcome(job, {**working, **started}, status, None)
+        return self._outcome(job, {**working, "potpie_project_id": project_id, "parse_started_at": now}, status, None)
 
     def poll(self, job: Job, working: JobUpdate, trace: Trace) -> Advance:
         """Read the parse's status: from the flight when another job polled it moments ago, else from Potpie."""

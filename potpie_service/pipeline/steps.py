@@ -66,15 +66,12 @@ def _ignore(_change: Change) -> None:
     """The default observer: nothing to do."""
 
 
-# What a step records for bookkeeping only (not news: a poll that changed nothing else writes nothing; the value
-# rides along with the job's next commit).
-BOOKKEEPING = frozenset({"potpie_calls"})
-
-
 def _is_news(job: Job, change: Advance) -> bool:
-    """Whether the change alters the job (a state, a parse status, progress...) rather than repeat it."""
+    """Whether the change alters the job (a state, a parse status, progress...) rather than repeat it. The count
+    of Potpie calls is bookkeeping, not news: a poll that changed nothing else writes nothing, and the count rides
+    along with the job's next commit."""
     return change.status is not job.status or any(
-        getattr(job, name) != value for name, value in change.update.items() if name not in BOOKKEEPING)
+        getattr(job, name) != value for name, value in change.update.items() if name != "potpie_calls")
 
 
 class Pipeline:
@@ -139,7 +136,7 @@ class Pipeline:
             # A poll that found nothing new, while this run waits itself, has nothing to write or announce: the
             # job keeps its seq, and if this worker dies the lapsed lease lets the sweeper re-run that same step.
             if keep and change.wait > 0 and not _is_news(job, change):
-                job.apply({name: change.update[name] for name in BOOKKEEPING & change.update.keys()})
+                job.potpie_calls = change.update.get("potpie_calls", job.potpie_calls)
             else:
                 seq += 1
                 if not self._advance(job, token, seq, change, keep):

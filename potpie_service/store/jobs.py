@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Unpack, cast
 
 import redis
 
@@ -189,7 +189,7 @@ class JobStore:
             progress_only=progress_only, throttle_s=throttle_s, keep_ms=int(lease_s * 1000) if keep_lease else 0,
             fields=to_hash(update), news=news.args()))
 
-    def mark(self, job_id: str, durable: bool = False, **update: Any) -> None:
+    def mark(self, job_id: str, durable: bool = False, **update: Unpack[JobUpdate]) -> None:
         """Set fields of a job outside a step commit (a note written before a Potpie call, a webhook's fate);
         `durable`: also WAIT for the Durability's replicas (NotReplicated short of them), so the note survives a
         failover before the call it announces is made."""
