@@ -85,7 +85,13 @@ def test_parse_progress_is_estimated_while_potpie_says_nothing_and_never_moves_b
 
 
 def test_polls_start_soon_and_back_off_to_the_interval() -> None:
-    assert [analysis.poll_delay(t, 5.0) for t in (0, 0.25, 0.5, 1, 2, 4, 8, 600)] == [0.25, 0.25, 0.5, 1, 2, 4, 5, 5]
+    assert [analysis.poll_delay(t, 5.0) for t in (0, 0.25, 0.5, 1, 2, 4, 8, 600)] == [0.25, 0.25, 0.5, 1, 2, 1, 2, 5]
+    polls, elapsed = [], 0.0
+    while elapsed < 60:
+        elapsed += analysis.poll_delay(elapsed, 5.0)
+        polls.append(round(elapsed, 3))
+    # the first ones soon, then on the interval's grid: a long parse is polled when a fixed interval would poll it
+    assert polls == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0, 55.0, 60.0]
     assert analysis.poll_delay(0, 0.1) == 0.1
 
 

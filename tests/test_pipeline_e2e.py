@@ -83,11 +83,17 @@ def test_errors_that_cannot_improve_fail_at_once(stack: Stack, repo: str, reason
     assert "result" not in final
 
 
-def test_parse_stuck_past_parse_timeout_fails_with_reason(stack: Stack) -> None:
-    final = stack.wait_final(stack.submit("stuck/demo")["job_id"], timeout=30)
+def test_parse_stuck_past_parse_timeout_fails_with_reason(stack: Stack, sim_stats) -> None:
+    repo = f"stuck/demo-{uuid.uuid4().hex[:6]}"
+    final = stack.wait_final(stack.submit(repo)["job_id"], timeout=30)
     assert final["status"] == "failed"
     assert "PARSE_TIMEOUT (4 s)" in final["details"]["failed_reason"]
     assert "last status: submitted" in final["details"]["failed_reason"]
+    # the next job does not follow the parse that timed out (it would fail at once): it asks Potpie again
+    started = time.monotonic()
+    again = stack.wait_final(stack.submit(repo)["job_id"], timeout=30)
+    assert again["status"] == "failed" and time.monotonic() - started >= 4
+    assert sim_stats()["parse_calls"][f"{repo}@main"] == 2
 
 
 @pytest.mark.parametrize("repo", ["flaky/inline", "rate-limited/inline", "bad-json/inline", "auth-flaky/inline"])

@@ -26,7 +26,7 @@ from potpie_service.potpie.simulator import SETUP_BANNER, STATUSES, Simulator, S
 KEY = "sk-test-key"
 HEADERS = {"X-API-Key": KEY}
 BASE_CONFIG = {"parse_seconds": 0.4, "slow_parse_seconds": 30.0, "latency_ms": 0.0, "hang_seconds": 1.0,
-               "message_seconds": 0.0, "stuck_threshold_seconds": 600.0, "register_ms": 20.0, "stop_seconds": 0.2,
+               "message_seconds": 0.0, "stuck_threshold_seconds": 600.0, "register_ms": 0.0, "stop_seconds": 0.2,
                "walk": "server"}
 
 

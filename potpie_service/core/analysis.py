@@ -66,9 +66,11 @@ def parse_identity(job: Job) -> str:
 
 
 def poll_delay(elapsed: float, interval: float) -> float:
-    """Seconds until the next poll of a parse `elapsed` seconds old: soon after it starts (0.25, 0.5, 1, 2 s...),
-    then every POTPIE_POLL_INTERVAL, so a quick parse is seen at once and a long one costs no more polls."""
-    return min(interval, max(FIRST_POLL_S, elapsed))
+    """Seconds until the next poll of a parse `elapsed` seconds old: soon after it starts (0.25, 0.5, 1, 2, 4 s...),
+    then on the POTPIE_POLL_INTERVAL grid from its start (5, 10, 15 s...): a quick parse is seen at once, a long
+    one is polled at the same times as with a fixed interval, once per interval."""
+    grid = (math.floor(elapsed / interval + 1e-9) + 1) * interval - elapsed  # to the next multiple of interval
+    return max(min(FIRST_POLL_S, interval), min(max(FIRST_POLL_S, elapsed), grid))
 
 
 def parse_progress(status: str, current: int, elapsed: float, expected: float | None) -> tuple[int, bool]:

@@ -43,7 +43,7 @@ class Parsing:
     def submit(self, job: Job, working: JobUpdate, trace: Trace) -> Advance:
         """Join the parse of the job's project: follow one that is under way, wait for the job requesting it, or
         request it (looking it up first when an earlier request may have reached Potpie)."""
-        self._pin_commit(job)
+        working = {**working, **self._pin_commit(job)}
         key, now = self.flights.key(analysis.parse_identity(job)), time.time()
         joined = self.flights.join(key, job.id, now, claim_s=self.settings.step_lease, ttl_s=self.ttl_s)
         if joined.role == "follow":
@@ -73,17 +73,18 @@ class Parsing:
     def poll(self, job: Job, working: JobUpdate, trace: Trace) -> Advance:
         """Read the parse's status: from the flight when another job polled it moments ago, else from Potpie."""
         started, now = job.parse_started_at or time.time(), time.time()
+        key = self.flights.key(analysis.parse_identity(job))
         if now - started > self.settings.parse_timeout:
+            self.flights.drop(key, now)  # its jobs share its start, so they give up too; later ones ask again
             raise JobFailed(f"Potpie did not finish parsing within PARSE_TIMEOUT ({self.settings.parse_timeout:g} s); "
                             f"last status: {job.parse_status}")
-        key = self.flights.key(analysis.parse_identity(job))
         delay = analysis.poll_delay(now - started, self.settings.potpie_poll_interval)
         turn = self.flights.poll_turn(key, now, max_age=delay, claim_s=min(self.settings.request_timeout, 30) + 5)
         status = turn.status
         if turn.action != "cached":
             status = self.potpie.parse_status(job.potpie_project_id, job.repo, job.branch, job.commit_id or None,
                                               trace)
-            if turn.action == "poll":
+            if turn.worth_recording(status):
                 self.flights.record(key, status, time.time())
         return self._outcome(job, working, status, turn.expected_s)
 
@@ -106,11 +107,13 @@ class Parsing:
                                            "message": f"Potpie is parsing the repository (status: {status}{told})"},
                        wait=analysis.poll_delay(elapsed, self.settings.potpie_poll_interval))
 
-    def _pin_commit(self, job: Job) -> None:
+    def _pin_commit(self, job: Job) -> JobUpdate:
         """Decide, once, which commit the job analyses: the request's, the branch head GitHub names (with the
-        job's token or GITHUB_TOKEN), or none, saying why. GitHub failing never fails the job."""
+        job's token or GITHUB_TOKEN), or none, saying why; the fields to commit with the step (every time: a
+        decision a failed try did not commit is committed by the next). A head read from GitHub is also written at
+        once, so a retry analyses the same commit. GitHub failing never fails the job."""
         if job.commit_source:
-            return
+            return {"commit_id": job.commit_id, "commit_source": job.commit_source, "commit_note": job.commit_note}
         token, why = self._github_token(job)
         sha, note = "", why
         if token:
@@ -122,8 +125,10 @@ class Parsing:
                             extra={"job_id": job.id})
         pin: JobUpdate = {"commit_id": sha, "commit_source": "github" if sha else "none",
                           "commit_note": note + UNPINNED if note else ""}
-        self.store.mark(job.id, **pin)
+        if token:
+            self.store.mark(job.id, **pin)
         job.apply(pin)
+        return pin
 
     def _github_token(self, job: Job) -> tuple[str | None, str]:
         """The token that reads the branch head (the job's own, else GITHUB_TOKEN), or why there is none."""

@@ -69,7 +69,8 @@ class SimulatorConfig:
     hang_seconds: float = 5.0
     message_seconds: float = 0  # how long an agent reply takes: streamed over it, or the wait before a whole one
     stuck_threshold_seconds: float = 600.0  # PARSING_STUCK_THRESHOLD_MINUTES: a GET poll re-queues older parses
-    register_ms: float = 20.0  # /parse registering a new project: two first calls inside it make two projects
+    register_ms: float = 0.0  # /parse registering a new project after its lookup: two first calls inside the window
+    # make two projects (a race the server leaves open at any width; tests widen it to hit it on purpose)
     stop_seconds: float = 0.2  # a stop's own pause before it answers
     walk: str = "server"  # "rich": the docs' status walk and filled-in citations, for demos
     verbose: bool = False

@@ -37,12 +37,20 @@ class Joined:
 @dataclass(frozen=True)
 class PollTurn:
     """Whether this job polls Potpie for the flight now (`poll`), reads the status another job polled (`cached`),
-    or polls alone because the flight is gone (`gone`); with the mean duration of recent parses (None: none yet)."""
+    or polls alone because the flight is gone (`gone`); with the mean duration of recent parses (None: none yet)
+    and how many jobs joined the flight."""
 
     action: str
     status: str
     started_at: float
     expected_s: float | None
+    members: int = 1
+
+    def worth_recording(self, status: str) -> bool:
+        """Whether what this poll read must go to the flight: another job reads it, or the parse ended (its
+        duration is recorded, the flight ends). A job alone in its flight spares Redis the write (and claimed no
+        turn that the write would release)."""
+        return self.action == "poll" and (self.members > 1 or status != self.status)
 
 
 def _seconds(raw: str) -> float | None:
@@ -91,7 +99,11 @@ class Flights:
         """This job's turn to poll Potpie, or the status another job read less than `max_age` seconds ago."""
         reply = self._call(key, "poll", now, max_age=max_age, claim_s=claim_s)
         assert isinstance(reply, list)
-        return PollTurn(reply[0], reply[1], float(reply[2]), _seconds(reply[3]))
+        return PollTurn(reply[0], reply[1], float(reply[2]), _seconds(reply[3]), int(reply[4]))
+
+    def drop(self, key: str, now: float) -> None:
+        """End a flight whose parse outlived PARSE_TIMEOUT: a job that needs the project later asks again."""
+        self._call(key, "drop", now)
 
     def record(self, key: str, status: str, now: float) -> None:
         """The status a poll read, for the flight's other jobs (and the parse's duration, when it is ready)."""

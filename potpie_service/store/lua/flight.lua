@@ -3,7 +3,8 @@
 -- a: op, now, and per op: job, claim_s, ttl_s (join, release); project_id, status, ttl_s, done_ttl_s (publish);
 --    max_age, claim_s (poll); status, done_ttl_s (record).
 -- The hash: leader and claim_until (the job sending /parse, while its claim lasts), requested (a /parse was
--- sent), project_id, status, started_at, polled_at, poll_until (a job is polling Potpie for everyone).
+-- sent), project_id, status, started_at, polled_at, poll_until (a job is polling Potpie for everyone), members
+-- (how many jobs joined; `m:<job>` marks each once).
 local f = KEYS[1]
 local function num(name) return tonumber(redis.call('HGET', f, name) or '0') or 0 end
 local function field(name) return redis.call('HGET', f, name) or '' end
@@ -24,6 +25,7 @@ local function ended(status)
 end
 
 if a.op == 'join' then
+  if redis.call('HSETNX', f, 'm:' .. a.job, 1) == 1 then redis.call('HINCRBY', f, 'members', 1) end
   local project = field('project_id')
   if project ~= '' then
     return {'follow', project, field('status'), tostring(num('started_at')), expected()}
@@ -33,6 +35,9 @@ if a.op == 'join' then
   redis.call('HSET', f, 'leader', a.job, 'claim_until', a.now + a.claim_s)
   redis.call('EXPIRE', f, math.ceil(a.ttl_s))
   return {'lead', field('requested')}
+elseif a.op == 'drop' then  -- the parse outlived PARSE_TIMEOUT: the next job asks Potpie again
+  redis.call('DEL', f)
+  return 1
 elseif a.op == 'requested' then
   redis.call('HSET', f, 'requested', '1')
   return 1
@@ -45,14 +50,14 @@ elseif a.op == 'publish' then
   if a.status == 'ready' or a.status == 'error' then ended(a.status) else redis.call('EXPIRE', f, math.ceil(a.ttl_s)) end
   return 1
 elseif a.op == 'poll' then
-  if redis.call('EXISTS', f) == 0 then return {'gone', '', '0', expected()} end
-  local status, started = field('status'), tostring(num('started_at'))
+  if redis.call('EXISTS', f) == 0 then return {'gone', '', '0', expected(), '0'} end
+  local status, started, members = field('status'), tostring(num('started_at')), tostring(num('members'))
   local fresh = a.now - num('polled_at') < a.max_age
   if status == 'ready' or status == 'error' or fresh or num('poll_until') > a.now then
-    return {'cached', status, started, expected()}
+    return {'cached', status, started, expected(), members}
   end
-  redis.call('HSET', f, 'poll_until', a.now + a.claim_s)
-  return {'poll', status, started, expected()}
+  if num('members') > 1 then redis.call('HSET', f, 'poll_until', a.now + a.claim_s) end  -- alone: no one to tell
+  return {'poll', status, started, expected(), members}
 elseif a.op == 'record' then
   if redis.call('EXISTS', f) == 0 then return 0 end
   local before, started = field('status'), num('started_at')
