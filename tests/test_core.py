@@ -85,14 +85,20 @@ def test_parse_progress_is_estimated_while_potpie_says_nothing_and_never_moves_b
 
 
 def test_polls_start_soon_and_back_off_to_the_interval() -> None:
-    assert [analysis.poll_delay(t, 5.0) for t in (0, 0.25, 0.5, 1, 2, 4, 8, 600)] == [0.25, 0.25, 0.5, 1, 2, 1, 2, 5]
-    polls, elapsed = [], 0.0
-    while elapsed < 60:
-        elapsed += analysis.poll_delay(elapsed, 5.0)
-        polls.append(round(elapsed, 3))
-    # the first ones soon, then on the interval's grid: a long parse is polled when a fixed interval would poll it
-    assert polls == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0, 55.0, 60.0]
-    assert analysis.poll_delay(0, 0.1) == 0.1
+    def schedule(expected: float | None, interval: float = 5.0, until: float = 60.0) -> list[float]:
+        polls, elapsed = [], 0.0
+        while elapsed < until:
+            elapsed += analysis.poll_delay(elapsed, interval, expected)
+            polls.append(round(elapsed, 3))
+        return polls
+
+    # recent parses were quick: the first polls come soon, then back off to the interval's grid from the start
+    assert schedule(0.5) == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0,
+                             55.0, 60.0]
+    assert schedule(20.0)[:5] == [2.0, 4.0, 5.0, 10.0, 15.0]  # a tenth of the expected time first
+    # none known (or long ones): polled when a fixed interval would poll, with no early polls in a burst
+    assert schedule(None) == schedule(600.0) == [5.0 * n for n in range(1, 13)]
+    assert analysis.poll_delay(0, 0.1, 0.5) == 0.1
 
 
 def test_jobs_share_a_parse_when_potpie_would_find_the_same_project() -> None:

@@ -65,12 +65,18 @@ def parse_identity(job: Job) -> str:
     return f"{job.repo}@{job.commit_id}" if job.commit_id else f"{job.repo}@branch:{job.branch}"
 
 
-def poll_delay(elapsed: float, interval: float) -> float:
-    """Seconds until the next poll of a parse `elapsed` seconds old: soon after it starts (0.25, 0.5, 1, 2, 4 s...),
-    then on the POTPIE_POLL_INTERVAL grid from its start (5, 10, 15 s...): a quick parse is seen at once, a long
-    one is polled at the same times as with a fixed interval, once per interval."""
+def poll_delay(elapsed: float, interval: float, expected: float | None = None) -> float:
+    """Seconds until the next poll of a parse `elapsed` seconds old that should take about `expected` seconds (the
+    mean of recent parses; DEFAULT_PARSE_SECONDS before any). The first poll comes after a tenth of that (0.25 s
+    at the least: a quick parse is seen at once), the next ones back off (x2), then keep to the POTPIE_POLL_INTERVAL
+    grid from the parse's start (5, 10, 15 s...): a long parse is polled when a fixed interval would poll it, and a
+    burst of long parses costs no early polls."""
+    first = min(interval, max(FIRST_POLL_S, (expected or DEFAULT_PARSE_SECONDS) / 10))
     grid = (math.floor(elapsed / interval + 1e-9) + 1) * interval - elapsed  # to the next multiple of interval
-    return max(min(FIRST_POLL_S, interval), min(max(FIRST_POLL_S, elapsed), grid))
+    return max(min(FIRST_POLL_S, interval), min(max(first, elapsed), grid))
+
+
+ESTIMATE_STEP = 4  # an estimate moves in steps: no news (a commit, an event) for every poll's fraction of a point
 
 
 def parse_progress(status: str, current: int, elapsed: float, expected: float | None) -> tuple[int, bool]:
@@ -82,7 +88,7 @@ def parse_progress(status: str, current: int, elapsed: float, expected: float | 
     told = status not in ("submitted", "created") and status in PARSE_PROGRESS
     span = Stage.PARSE_DONE - 1 - PARSE_PROGRESS["submitted"]
     fraction = 1 - math.exp(-max(0.0, elapsed) / (expected or DEFAULT_PARSE_SECONDS))
-    estimate = PARSE_PROGRESS["submitted"] + int(span * fraction)
+    estimate = PARSE_PROGRESS["submitted"] + int(span * fraction) // ESTIMATE_STEP * ESTIMATE_STEP
     progress = max(current, known if told else max(known, estimate))
     return progress, not told
 

@@ -46,6 +46,7 @@ class Parsing:
         working = {**working, **self._pin_commit(job)}
         key, now = self.flights.key(analysis.parse_identity(job)), time.time()
         joined = self.flights.join(key, job.id, now, claim_s=self.settings.step_lease, ttl_s=self.ttl_s)
+        working = {**working, "parse_expected": joined.expected_s or 0.0}
         if joined.role == "follow":
             started: JobUpdate = {"potpie_project_id": joined.project_id, "parse_started_at": joined.started_at or now}
             return self._outcome(job, {**working, **started}, joined.status, joined.expected_s)
@@ -58,7 +59,6 @@ class Parsing:
             if job.parse_requested or joined.requested:  # an earlier request may have reached Potpie
                 found = self.potpie.find_project(job.repo, job.branch, job.commit_id or None, trace)
             if found is None:
-                self.flights.requested(key, now)
                 self.store.mark(job.id, durable=True, parse_requested=True)  # kept across a failover
                 job.parse_requested = True  # this run may go on to a retry of this step itself
                 found = self.potpie.submit_parse(job.repo, job.branch, job.commit_id or None,
@@ -67,8 +67,10 @@ class Parsing:
             self._release(key, job.id)
             raise
         project_id, status = found
-        self.flights.publish(key, project_id, status, time.time(), self.ttl_s)
-        return self._outcome(job, {**working, "potpie_project_id": project_id, "parse_started_at": now}, status, None)
+        answered = time.time()  # Potpie's parse started when it answered: polls keep their grid from here
+        self.flights.publish(key, project_id, status, answered, self.ttl_s)
+        return self._outcome(job, {**working, "potpie_project_id": project_id, "parse_started_at": answered}, status,
+                             joined.expected_s)
 
     def poll(self, job: Job, working: JobUpdate, trace: Trace) -> Advance:
         """Read the parse's status: from the flight when another job polled it moments ago, else from Potpie."""
@@ -78,7 +80,7 @@ class Parsing:
             self.flights.drop(key, now)  # its jobs share its start, so they give up too; later ones ask again
             raise JobFailed(f"Potpie did not finish parsing within PARSE_TIMEOUT ({self.settings.parse_timeout:g} s); "
                             f"last status: {job.parse_status}")
-        delay = analysis.poll_delay(now - started, self.settings.potpie_poll_interval)
+        delay = analysis.poll_delay(now - started, self.settings.potpie_poll_interval, job.parse_expected or None)
         turn = self.flights.poll_turn(key, now, max_age=delay, claim_s=min(self.settings.request_timeout, 30) + 5)
         status = turn.status
         if turn.action != "cached":
@@ -105,7 +107,7 @@ class Parsing:
         return Advance(JobStatus.PARSING, {**update, "parse_status": status, "progress": progress,
                                            "progress_estimated": estimated,
                                            "message": f"Potpie is parsing the repository (status: {status}{told})"},
-                       wait=analysis.poll_delay(elapsed, self.settings.potpie_poll_interval))
+                       wait=analysis.poll_delay(elapsed, self.settings.potpie_poll_interval, expected))
 
     def _pin_commit(self, job: Job) -> JobUpdate:
         """Decide, once, which commit the job analyses: the request's, the branch head GitHub names (with the

@@ -74,18 +74,15 @@ class Flights:
         return result
 
     def join(self, key: str, job_id: str, now: float, claim_s: float, ttl_s: float) -> Joined:
-        """Lead, follow or wait (see Joined)."""
+        """Lead, follow or wait (see Joined). A leader is noted as one that may send /parse: a later leader looks
+        the project up before it asks again."""
         reply = self._call(key, "join", now, job=job_id, claim_s=claim_s, ttl_s=ttl_s)
         assert isinstance(reply, list)
         if reply[0] == "follow":
             return Joined("follow", reply[1], reply[2], float(reply[3]), expected_s=_seconds(reply[4]))
         if reply[0] == "lead":
-            return Joined("lead", requested=reply[1] == "1")
+            return Joined("lead", requested=reply[1] == "1", expected_s=_seconds(reply[2]))
         return Joined("wait")
-
-    def requested(self, key: str, now: float) -> None:
-        """Note that the leader is sending /parse: a later leader looks the project up before it asks again."""
-        self._call(key, "requested", now)
 
     def release(self, key: str, job_id: str, now: float) -> None:
         """Give up the lead (the leader's /parse failed): another job may take it at once."""

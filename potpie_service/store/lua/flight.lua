@@ -2,8 +2,8 @@
 -- KEYS: 1 the flight's hash, 2 the recent parse durations (a list, newest first).
 -- a: op, now, and per op: job, claim_s, ttl_s (join, release); project_id, status, ttl_s, done_ttl_s (publish);
 --    max_age, claim_s (poll); status, done_ttl_s (record).
--- The hash: leader and claim_until (the job sending /parse, while its claim lasts), requested (a /parse was
--- sent), project_id, status, started_at, polled_at, poll_until (a job is polling Potpie for everyone), members
+-- The hash: leader and claim_until (the job sending /parse, while its claim lasts), requested (a leader may
+-- have sent /parse), project_id, status, started_at, polled_at, poll_until (a job is polling Potpie for everyone), members
 -- (how many jobs joined; `m:<job>` marks each once).
 local f = KEYS[1]
 local function num(name) return tonumber(redis.call('HGET', f, name) or '0') or 0 end
@@ -32,14 +32,12 @@ if a.op == 'join' then
   end
   local leader = field('leader')
   if leader ~= '' and leader ~= a.job and num('claim_until') > a.now then return {'wait', leader} end
-  redis.call('HSET', f, 'leader', a.job, 'claim_until', a.now + a.claim_s)
+  local requested = field('requested')  -- before this leader: may an earlier /parse have reached Potpie?
+  redis.call('HSET', f, 'leader', a.job, 'claim_until', a.now + a.claim_s, 'requested', '1')
   redis.call('EXPIRE', f, math.ceil(a.ttl_s))
-  return {'lead', field('requested')}
+  return {'lead', requested, expected()}
 elseif a.op == 'drop' then  -- the parse outlived PARSE_TIMEOUT: the next job asks Potpie again
   redis.call('DEL', f)
-  return 1
-elseif a.op == 'requested' then
-  redis.call('HSET', f, 'requested', '1')
   return 1
 elseif a.op == 'release' then
   if field('leader') == a.job then redis.call('HSET', f, 'leader', '', 'claim_until', 0) end
