@@ -48,8 +48,11 @@ class Health:
 
 def _failure(exc: redis.RedisError) -> str:
     kind = type(exc).__name__
-    return f"Redis did not answer within {PROBE_TIMEOUT:g} s ({kind})" if "Timeout" in kind else \
-        f"Redis unreachable ({kind})"
+    if "Timeout" in kind:
+        return f"Redis did not answer within {PROBE_TIMEOUT:g} s ({kind})"
+    if "No connection available" in str(exc):  # every probe connection is waiting on Redis already
+        return f"Redis did not answer in time (every probe connection busy, {kind})"
+    return f"Redis unreachable ({kind})"
 
 
 class PotpieWatch:
