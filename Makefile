@@ -21,6 +21,7 @@ $(STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 install: $(STAMP) ## create .venv with the pinned dependencies
 	@scripts/ensure-tool.sh redis-server redis-server "the tests start throwaway Redis servers"
 	@scripts/ensure-tool.sh chromium chromium "the job board test runs in headless Chromium"
+	@scripts/ensure-tool.sh promtool prometheus "the chart's alert rules and dashboard are checked with promtool"
 	@scripts/ensure-helm.sh
 
 test: install ## the whole suite (starts its own throwaway Redis servers)

@@ -300,6 +300,11 @@ class Settings:
         """REQUEST_TIMEOUT in seconds: the most one Potpie HTTP call may take, reply included."""
         return self.request_timeout_ms / 1000.0
 
+    @property
+    def worker_max_age(self) -> float:
+        """A worker counts as alive (/health, potpie_workers_alive) if it consumed a heartbeat this recently."""
+        return max(30.0, 3 * self.worker_heartbeat_interval)
+
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with every secret replaced, for logs."""
         shown: dict[str, Any] = {}

@@ -26,6 +26,11 @@ CONNECT_TIMEOUT = 0.6
 SOCKET_TIMEOUT = 5.0
 API_SOCKET_TIMEOUT = 1.5  # an API request answers within ~2 s whatever Redis does (a silent Redis: 503)
 HEALTH_CHECK_INTERVAL = 10
+# The probe client (/readyz, /health): a silent Redis must cost a probe well under the kubelet's timeout, so every
+# wait is short and a timeout is never retried (the shared client's 5 s and one retry made /health take 10 s).
+PROBE_TIMEOUT = 0.5
+PROBE_CONNECTIONS = 4
+PROBE_POOL_WAIT = 0.25
 
 
 def api_timeout(settings: Settings) -> float:
@@ -202,6 +207,25 @@ def make_redis(settings: Settings, socket_timeout: float = SOCKET_TIMEOUT) -> re
                                    decode_responses=True, **bound, **node_options(settings),
                                    **({"ssl": True} if settings.redis_tls else {}), **options)
     pool = GuardedBlockingPool.from_url(settings.redis_url, decode_responses=True, **bound, **options)
+    return redis.Redis(connection_pool=pool)
+
+
+def make_probe_redis(settings: Settings) -> redis.Redis:
+    """A Redis client of its own for the API's probes: PROBE_TIMEOUT to connect and to answer, a pool of
+    PROBE_CONNECTIONS waited for at most PROBE_POOL_WAIT (so a probe never queues behind the shared pool), no
+    health-check PING before a command. A refused or reset connection fails at once and is tried once more (a
+    pooled connection Redis dropped must not fail a probe); a timeout is never retried. With sentinels, on the
+    master they name, the sentinels asked with the same short timeouts."""
+    options = {**redis_options(settings, PROBE_TIMEOUT), "socket_connect_timeout": PROBE_TIMEOUT,
+               "health_check_interval": 0, "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
+    bound = {"max_connections": PROBE_CONNECTIONS, "timeout": PROBE_POOL_WAIT}
+    if settings.redis_sentinels:
+        quick = {**sentinel_options(settings), "socket_connect_timeout": PROBE_TIMEOUT, "socket_timeout": PROBE_TIMEOUT}
+        sentinel = Sentinel(list(settings.redis_sentinels), sentinel_kwargs=quick)
+        return sentinel.master_for(settings.redis_sentinel_master, connection_pool_class=SentinelBlockingPool,
+                                   decode_responses=True, **bound, **node_options(settings),
+                                   **({"ssl": True} if settings.redis_tls else {}), **options)
+    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, decode_responses=True, **bound, **options)
     return redis.Redis(connection_pool=pool)
 
 

@@ -1,4 +1,4 @@
-"""What the API does, below the HTTP layer: submit a job, describe it, count the queue, check health."""
+"""What the API does, below the HTTP layer: submit a job, describe it, count the queue (health: health.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 import redis
 
-from . import SERVICE_NAME, __version__
 from .config import Settings
 from .core import analysis
 from .core.errors import Conflict, NotFound, RateLimited, Unavailable, ValidationError
@@ -19,7 +18,6 @@ from .core.events import final_events, now_iso
 from .core.job import Change, Job, JobUpdate
 from .core.model import MESSAGES, JobStatus
 from .core.submission import AnalyzeRequest, StepMessage
-from .potpie.client import PotpieClient
 from .store.jobs import Dedup, JobStore, NotReplicated
 from .store.ratelimit import Charge
 from .tokens import TokenCipher
@@ -35,7 +33,7 @@ class JobService:
     """Job operations for one owner at a time; the views call these and nothing else."""
 
     def __init__(self, settings: Settings, store: JobStore, dispatch: Dispatch, cipher: TokenCipher,
-                 potpie: PotpieClient, first_step: Callable[[str], StepMessage] | None = None,
+                 first_step: Callable[[str], StepMessage] | None = None,
                  stop_run: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.store = store
@@ -43,10 +41,8 @@ class JobService:
         self.stop_run = stop_run  # queues the stop of the agent run a cancelled job leaves (queue.run_stopper)
         self.first_step = first_step  # a new job's first step, for the submit script to enqueue (queue.FirstSteps)
         self.cipher = cipher
-        self.potpie = potpie
         self.observe: Callable[[Change], None] = store.recorder().observe
         self.started = time.time()
-        self._potpie_checked: tuple[float, bool, float] = (0.0, False, 0.0)
         self._durations: tuple[float, list[float]] = (0.0, [])  # (read at, monotonic), for ETAs
 
     def submit(self, owner: str, request: AnalyzeRequest, idempotency_key: str | None = None,
@@ -240,7 +236,7 @@ class JobService:
     def queue_stats(self) -> dict[str, Any]:
         """The `/queue/stats` body: counts only."""
         stats = self.store.stats()  # a Redis failure is the app's 503 (api/__init__.py)
-        workers = self.store.workers_alive(self.worker_max_age)
+        workers = self.store.workers_alive(self.settings.worker_max_age)
         return {
             "queue_name": self.settings.queue_name, "stats": stats,
             "worker_status": "running" if workers else "stopped", "workers": workers,
@@ -248,50 +244,3 @@ class JobService:
             "timestamp": now_iso(),
         }
 
-    @property
-    def worker_max_age(self) -> float:
-        """A worker counts as alive if it consumed a heartbeat this recently."""
-        return max(30.0, 3 * self.settings.worker_heartbeat_interval)
-
-    def _potpie_reachable(self) -> tuple[bool, float]:
-        checked_at, ok, latency = self._potpie_checked
-        if time.time() - checked_at > 15:
-            started = time.perf_counter()
-            ok = self.potpie.health(timeout=1.0)
-            latency = (time.perf_counter() - started) * 1000
-            self._potpie_checked = (time.time(), ok, latency)
-        return ok, latency
-
-    def health(self, sockets: int) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, body): 503 when Redis or every worker is down."""
-        checks: dict[str, Any] = {}
-        started = time.perf_counter()
-        try:
-            self.store.ping()
-            checks["redis"] = {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-                               **self.store.topology()}
-            if checks["redis"]["role"] != "master":  # writes would fail: REDIS_URL names a replica
-                checks["redis"]["status"] = "down"
-            stats = self.store.stats()
-            workers = self.store.workers_alive(self.worker_max_age)
-            checks["queue"] = {"status": "up", "stats": stats}
-            checks["workers"] = {"status": "up" if workers else "down", "alive": workers}
-        except Exception as exc:  # any Redis failure means "down", never a 500 from the health check
-            checks["redis"] = {"status": "down", "error": type(exc).__name__,
-                               "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
-            checks["queue"] = {"status": "unknown"}
-            checks["workers"] = {"status": "unknown"}
-        potpie_ok, potpie_ms = self._potpie_reachable()
-        checks["potpie_api"] = {"status": "up" if potpie_ok else "down", "latency_ms": round(potpie_ms, 2),
-                                "base_url": self.settings.potpie_base_url}
-        down = [name for name in ("redis", "workers") if checks[name]["status"] != "up"]
-        degraded = down + ([] if potpie_ok else ["potpie_api"])
-        if checks["redis"].get("replicas", 0) < self.settings.redis_min_replicas_ack:  # submits answer 503
-            degraded.append("redis_replicas")
-        body = {
-            "status": "unhealthy" if down else ("degraded" if degraded else "ok"),
-            "service": SERVICE_NAME, "version": __version__, "degraded": degraded, "checks": checks,
-            "websocket_connections": sockets, "auth": "disabled" if self.settings.auth_disabled else "enabled",
-            "uptime": round(time.time() - self.started, 1), "timestamp": now_iso(),
-        }
-        return (503 if down else 200), body

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import redis
@@ -52,6 +54,46 @@ def held_jobs(url: str, queue_name: str) -> int:
         return make_store(settings).stats()["total"]
     except RedisError:
         return 0
+
+
+class Readiness:
+    """What the stack can do, said once it changes: the API ready to serve (GET /readyz: its Redis answers) and the
+    workers consuming (their heartbeats, read from Redis), apart. A worker still starting never makes the API look
+    down: submits are accepted and queue until it consumes."""
+
+    def __init__(self, port: str, settings: Settings) -> None:
+        self.url = f"http://127.0.0.1:{port}/readyz"
+        self.store = make_store(settings)
+        self.max_age = settings.worker_max_age
+        self.ready: bool | None = None
+        self.workers: int | None = None
+
+    def _api_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url, timeout=1) as answer:
+                return bool(answer.status == 200)
+        except (urllib.error.URLError, OSError):  # not listening yet, or 503: not ready
+            return False
+
+    def _workers(self) -> int | None:
+        try:
+            return self.store.workers_alive(self.max_age)
+        except RedisError:
+            return None
+
+    def poll(self) -> None:
+        """Print a line for each change: the API's readiness, then how many workers consume."""
+        ready = self._api_ready()
+        if ready != self.ready and (ready or self.ready):
+            state = "ready (GET /readyz: its Redis answers); submits are accepted" if ready else \
+                "not ready: GET /readyz says why (its Redis)"
+            print(f"  API         {state}", flush=True)
+        self.ready = ready
+        workers = self._workers()
+        if ready and workers is not None and workers != self.workers:
+            print(f"  Workers     {workers} consuming" if workers else
+                  "  Workers     none consuming yet (starting): submits queue until one does", flush=True)
+            self.workers = workers
 
 
 def main() -> int:
@@ -126,7 +168,8 @@ def main() -> int:
     lines = [
         "",
         "potpie-service dev stack is starting (Ctrl-C stops everything):",
-        f"  API         http://localhost:{port}/        (health: /health, Socket.IO at /socket.io/)",
+        f"  API         http://localhost:{port}/        (ready: /readyz, dependencies: /health, Socket.IO at "
+        "/socket.io/)",
         f"  Job board   http://localhost:{port}/board",
         f"  Flower      http://localhost:{flower_port}/  (user:password {flower_auth})",
         f"  Redis       {env['REDIS_URL'].split('@')[-1]}  {redis_note}",
@@ -153,6 +196,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    readiness = Readiness(str(port), Settings.from_env(env))
     try:
         while True:
             for name, proc in children:
@@ -160,6 +204,7 @@ def main() -> int:
                     print(f"make dev: {name} exited with status {proc.returncode}; stopping the stack",
                           file=sys.stderr)
                     return 1
+            readiness.poll()
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping...", file=sys.stderr)

@@ -299,6 +299,7 @@ def test_constraints_pin_every_requirement_at_the_same_version():
 
 
 def api_healthcheck_code() -> str:
+    """The image's HEALTHCHECK: liveness (GET /livez), for orchestrators that restart an unhealthy container."""
     final = stages(DOCKERFILES["api"])[-1]
     hc = [a for i, a in final if i == "HEALTHCHECK"][-1]
     argv = json.loads(hc[hc.index("CMD") + 3:].strip())
@@ -306,13 +307,23 @@ def api_healthcheck_code() -> str:
     return argv[2]
 
 
-def test_api_healthcheck_one_liner_works():
-    """Run the HEALTHCHECK one-liner against a local server: exit 0 on 200, non-zero on 503."""
+def compose_api_healthcheck_code() -> str:
+    """compose's API healthcheck: readiness (GET /readyz, its Redis answers), never the workers."""
+    test = compose()["services"]["api"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"] and "/readyz" in test[3]
+    return test[3]
+
+
+@pytest.mark.parametrize("which", ["image /livez", "compose /readyz"])
+def test_api_healthcheck_one_liner_works(which):
+    """Run the healthcheck one-liner against a local server: exit 0 on 200 at its path, non-zero on 503 there."""
+    code, path = (api_healthcheck_code(), "/livez") if which.startswith("image") else \
+        (compose_api_healthcheck_code(), "/readyz")
     status = {"code": 200}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
-            self.send_response(status["code"] if self.path == "/livez" else 404)
+            self.send_response(status["code"] if self.path == path else 404)
             self.end_headers()
 
         def log_message(self, *args):
@@ -321,7 +332,7 @@ def test_api_healthcheck_one_liner_works():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        code = api_healthcheck_code().replace("8080", str(server.server_address[1]))
+        code = code.replace("8080", str(server.server_address[1]))
         assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=20).returncode == 0
         status["code"] = 503
         assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=20).returncode != 0
@@ -465,7 +476,9 @@ def test_k8s_probes_and_ports():
     api = container(objs[("Deployment", "potpie-service-api")])
     assert api["ports"][0]["containerPort"] == 8080
     assert api["livenessProbe"]["httpGet"]["path"] == "/livez"
-    assert api["readinessProbe"]["httpGet"]["path"] == "/health"
+    # Readiness is this pod's Redis (/readyz), never the workers: a worker rollout must not empty the Service.
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert api["readinessProbe"]["timeoutSeconds"] >= 2, "/readyz answers within ~1 s whatever Redis does"
     worker = container(objs[("Deployment", "potpie-service-worker")])
     assert worker["livenessProbe"]["exec"]["command"] == ["python", "-m", "potpie_service", "worker-health"]
     assert worker["args"] == ["celery", "-A", "workers", "worker", "--loglevel=INFO", "-E"]
@@ -531,7 +544,8 @@ def test_compose_structure():
                                             "--port", "8765"]
     assert svcs["worker"]["command"][:4] == ["celery", "-A", "workers", "worker"] and "-E" in svcs["worker"]["command"]
     assert svcs["worker"]["healthcheck"]["test"] == ["CMD", "python", "-m", "potpie_service", "worker-health"]
-    assert svcs["api"]["healthcheck"]["test"][-1] == api_healthcheck_code()
+    assert svcs["api"]["healthcheck"]["test"][-1] == compose_api_healthcheck_code()
+    assert api_healthcheck_code().replace("/livez", "/readyz") == compose_api_healthcheck_code()
     assert c["x-common-env"]["POTPIE_BASE_URL"] == "${POTPIE_BASE_URL:-https://production-api.potpie.ai}"
     assert "POTPIE_BASE_URL=http://simulator:8765" in COMPOSE.read_text()
 
@@ -587,6 +601,7 @@ EXPECTED_TEMPLATES = {
     "deployment-flower.yaml": {"Deployment"}, "service.yaml": {"Service"}, "service-flower.yaml": {"Service"},
     "ingress.yaml": {"Ingress"}, "hpa-worker.yaml": {"HorizontalPodAutoscaler"},
     "pdb.yaml": {"PodDisruptionBudget"}, "servicemonitor.yaml": {"ServiceMonitor"},
+    "prometheusrule.yaml": {"PrometheusRule"}, "dashboard-configmap.yaml": {"ConfigMap"},
 }
 
 
@@ -800,6 +815,11 @@ def test_chart_secret_hpa_servicemonitor_guards():
     assert "key: METRICS_TOKEN" in sm and "path: /metrics" in sm
     assert values()["metrics"]["serviceMonitor"]["enabled"] is False
 
+    assert texts["prometheusrule.yaml"].lstrip().startswith("{{- if .Values.metrics.prometheusRule.enabled }}")
+    assert texts["dashboard-configmap.yaml"].lstrip().startswith("{{- if .Values.metrics.grafanaDashboard.enabled }}")
+    assert values()["metrics"]["prometheusRule"]["enabled"] is False
+    assert values()["metrics"]["grafanaDashboard"]["enabled"] is False
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Helm chart rendered by the real helm v3 binary (scripts/ensure-helm.sh puts it in .tools/bin; `make install` runs it)
@@ -885,6 +905,45 @@ SERVICE_MONITOR_SCHEMA = {
     },
 }
 
+# PrometheusRule is a Prometheus Operator CRD too: the part of its monitoring.coreos.com/v1 openAPIV3Schema
+# (prometheus-operator v0.84) a chart uses, unknown fields rejected. promtool checks the expressions themselves.
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"groups": {"type": "array", "items": {
+                "type": "object", "required": ["name"], "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "interval": {"type": "string", "pattern": DURATION},
+                    "limit": {"type": "integer"},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "partial_response_strategy": {"type": "string", "pattern": "^(?i)(abort|warn)?$"},
+                    "query_offset": {"type": "string", "pattern": DURATION},
+                    "rules": {"type": "array", "items": {
+                        "type": "object", "required": ["expr"], "additionalProperties": False,
+                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                        "properties": {
+                            "alert": {"type": "string"}, "record": {"type": "string"},
+                            "expr": {"type": ["integer", "string"]},
+                            "for": {"type": "string", "pattern": DURATION},
+                            "keep_firing_for": {"type": "string", "minLength": 1, "pattern": DURATION},
+                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                        },
+                    }},
+                },
+            }}},
+        },
+    },
+}
+
 # Value sets rendered by the tests, and the objects each must produce.
 _BASE = {("ConfigMap", RELEASE), ("Secret", RELEASE), ("ServiceAccount", RELEASE),
          ("Deployment", f"{RELEASE}-api"), ("Deployment", f"{RELEASE}-worker"), ("Deployment", f"{RELEASE}-flower"),
@@ -892,6 +951,7 @@ _BASE = {("ConfigMap", RELEASE), ("Secret", RELEASE), ("ServiceAccount", RELEASE
          ("PodDisruptionBudget", f"{RELEASE}-api"), ("PodDisruptionBudget", f"{RELEASE}-worker")}
 _OPTIONAL = {("Ingress", RELEASE), ("HorizontalPodAutoscaler", f"{RELEASE}-worker"),
              ("ServiceMonitor", f"{RELEASE}-api"), ("ServiceMonitor", f"{RELEASE}-flower")}
+_MONITORING = {("PrometheusRule", f"{RELEASE}-alerts"), ("ConfigMap", f"{RELEASE}-dashboard")}
 _FLOWER = {("Deployment", f"{RELEASE}-flower"), ("Service", f"{RELEASE}-flower"),
            ("ServiceMonitor", f"{RELEASE}-flower")}
 _ANTI_AFFINITY = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
@@ -915,8 +975,11 @@ HELM_VALUE_SETS = {
          "--set", "imagePullSecrets[0].name=regcred", "--set", "nodeSelector.kubernetes\\.io/os=linux",
          "--set", "tolerations[0].key=dedicated", "--set", "tolerations[0].operator=Exists",
          "--set", "tolerations[0].effect=NoSchedule", "--set-json", f"affinity={json.dumps(_ANTI_AFFINITY)}",
-         "--set", "serviceAccount.annotations.owner=potpie", "--set", "api.service.type=NodePort"],
-        _BASE | _OPTIONAL),
+         "--set", "serviceAccount.annotations.owner=potpie", "--set", "api.service.type=NodePort",
+         "--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.prometheusRule.labels.release=prom",
+         "--set", "metrics.prometheusRule.alertLabels.team=potpie", "--set", "metrics.grafanaDashboard.enabled=true",
+         "--set", "metrics.grafanaDashboard.annotations.grafana_folder=Potpie"],
+        _BASE | _OPTIONAL | _MONITORING),
     "existing-secret-no-flower": (
         ["--set", "secrets.existingSecret=mine", "--set", "flower.enabled=false",
          "--set", "serviceAccount.create=false", "--set", "metrics.serviceMonitor.enabled=true"],
@@ -1064,6 +1127,9 @@ def test_helm_lint_template_and_validate(helm, value_set):
         if kind == "ServiceMonitor":
             jsonschema.Draft7Validator(SERVICE_MONITOR_SCHEMA).validate(doc)
             continue
+        if kind == "PrometheusRule":  # its expressions: promtool, tests/test_monitoring.py
+            jsonschema.Draft7Validator(PROMETHEUS_RULE_SCHEMA).validate(doc)
+            continue
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:  # pragma: no cover - message only
@@ -1083,7 +1149,7 @@ def test_helm_long_release_name_fits_kubernetes_name_limits(helm):
     objs = by_kind_name(docs)
     assert len(objs) == len(docs) == len(HELM_VALUE_SETS["everything-on"][1])
     assert_names_and_labels_valid(objs)
-    fullname = objs[("ConfigMap", next(n for k, n in objs if k == "ConfigMap"))]["metadata"]["name"]
+    fullname = next(n for k, n in objs if k == "ConfigMap" and not n.endswith("-dashboard"))
     assert len(fullname) == 63 and fullname.startswith(release)
     assert_rendered_references_resolve(objs, fullname, fullname)
     for component in ("api", "worker", "flower"):
@@ -1138,6 +1204,15 @@ def test_helm_everything_on_renders_the_requested_options(helm):
         assert objs[("ServiceMonitor", f"{RELEASE}-{name}")]["metadata"]["labels"]["release"] == "prom"
     assert objs[("Service", f"{RELEASE}-api")]["spec"]["type"] == "NodePort"
     assert objs[("ServiceAccount", RELEASE)]["metadata"]["annotations"] == {"owner": "potpie"}
+    rule = objs[("PrometheusRule", f"{RELEASE}-alerts")]
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    alerts = rule["spec"]["groups"][0]["rules"]
+    assert all(a["labels"]["team"] == "potpie" and a["labels"]["severity"] for a in alerts)
+    dashboard = objs[("ConfigMap", f"{RELEASE}-dashboard")]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Potpie"}
+    assert json.loads(dashboard["data"]["potpie-service.json"]) == \
+        json.loads((CHART / "dashboards" / "potpie-service.json").read_text())
 
 
 def test_helm_pdb_min_available_replaces_max_unavailable(helm):
@@ -1207,6 +1282,9 @@ def test_helm_defaults_render_the_kubectl_manifests(helm):
         (["--set", "worker.autoscaling.enabled=true", "--set", "worker.autoscaling.queueDepth.enabled=false"],
          "worker.autoscaling"),
         (["--set", "secrets.NOT_A_SECRET=x"], "NOT_A_SECRET"),
+        (["--set", "metrics.prometheusRule.jobFailureRatio.threshold=2"], "metrics.prometheusRule.jobFailureRatio"),
+        (["--set", "metrics.prometheusRule.noWorkerConsuming.for=5 minutes"],
+         "metrics.prometheusRule.noWorkerConsuming"),
     ],
 )
 def test_helm_rejects_bad_values_naming_the_field(helm, args, needle):

@@ -95,8 +95,15 @@ def test_make_dev_says_the_reused_redis_holds_jobs_and_the_readme_commands_work(
         assert "make dev REDIS=fresh" in redis_line
         key = dev.line("API key").split()[2]
         assert (ROOT / ".dev" / "api-key").read_text().strip() == key
-        wait_for(lambda: requests.get(f"http://127.0.0.1:{dev.port}/health", timeout=2).status_code == 200, 30,
-                 what="the dev stack to be healthy")
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{dev.port}/readyz", timeout=2).status_code == 200, 30,
+                 what="the dev API to be ready")
+        # Readiness and the workers are told apart: the API is ready before the worker's first heartbeat, and
+        # nothing calls the stack unhealthy meanwhile (issue 29).
+        ready = dev.line("API         ready")
+        assert "submits are accepted" in ready, ready
+        consuming = dev.line("Workers     1 consuming")
+        assert dev.lines.index(ready) < dev.lines.index(consuming)
+        assert not [line for line in dev.lines if "unhealthy" in line or "workers down" in line]
 
         commands = quick_start_commands()
         assert commands[0] == "export KEY=$(cat .dev/api-key)"

@@ -9,9 +9,10 @@ from typing import Iterator
 
 import pytest
 import requests
+import jsonschema
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import positive_data_acceptance
 
 from potpie_service.api import create_app
 from potpie_service.api.openapi import document
@@ -57,9 +58,19 @@ def test_every_route_and_method_is_documented() -> None:
 @settings(max_examples=50, derandomize=True, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_openapi_document(case: schemathesis.Case, fuzz_api: Service) -> None:
-    health = case.operation.label == "GET /health"  # 503 there is the documented "unhealthy": this API has no worker
-    response = case.call_and_validate(base_url=fuzz_api.url, timeout=10,  # type: ignore[attr-defined]
-                                      headers={"Authorization": f"Bearer {ALICE}"},
-                                      excluded_checks=[not_a_server_error] if health else [])
-    if health and response.status_code == 503:
-        assert response.json()["status"] == "unhealthy"
+    slipped = not _body_matches_the_document(case)
+    case.call_and_validate(base_url=fuzz_api.url, timeout=10,  # type: ignore[attr-defined]
+                           headers={"Authorization": f"Bearer {ALICE}"},
+                           excluded_checks=[positive_data_acceptance] if slipped else [])
+
+
+def _body_matches_the_document(case: schemathesis.Case) -> bool:
+    """Whether a JSON body the fuzzer sends is valid by the document's own schema. schemathesis 4.32 sometimes
+    generates, as "positive" data, a `question` with a control character that the schema's pattern forbids (a
+    negated character class); the API is right to refuse it, so that case is not held against its acceptance."""
+    operation = document()["paths"].get(case.operation.path, {}).get(case.method.lower(), {})
+    schema = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+    if schema is None or not isinstance(case.body, dict):
+        return True
+    name = schema["$ref"].rsplit("/", 1)[1]
+    return jsonschema.Draft202012Validator(document()["components"]["schemas"][name]).is_valid(case.body)

@@ -180,7 +180,7 @@ def test_internals_need_a_key_and_ops_keys_read_them(secured: Secured) -> None:
         assert stats.status_code == 200 and "waiting" in stats.json()["stats"]
 
 
-@pytest.mark.parametrize("path", ["/", "/livez", "/openapi.json"])
+@pytest.mark.parametrize("path", ["/", "/livez", "/readyz", "/openapi.json"])
 def test_public_endpoints_need_no_key(secured: Secured, path: str) -> None:
     response = secured.call("GET", path, key=None)
     assert response.status_code == 200 and response.headers["Content-Type"] == "application/json"

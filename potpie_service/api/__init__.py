@@ -18,10 +18,11 @@ from ..auth import Authenticator, missing_keys_problem
 from ..config import Settings
 from ..core.errors import ServiceError
 from ..core.submission import MAX_BODY_BYTES
+from ..health import HealthCheck
 from ..potpie.client import PotpieClient
 from ..queue import FirstSteps, dispatcher, make_celery, run_stopper
 from ..service import JobService
-from ..store import make_store
+from ..store import make_probe, make_store
 from ..connections import api_timeout, socketio_manager_args, tls_problem
 from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
@@ -113,7 +114,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     celery = make_celery(settings)
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout, attempts=1)
     service = JobService(settings, store, dispatcher(celery, settings), TokenCipher(settings.token_encryption_key),
-                         potpie, FirstSteps(celery, settings), run_stopper(celery, settings))
+                         FirstSteps(celery, settings), run_stopper(celery, settings))
     manager_url, manager_options = socketio_manager_args(settings)
     manager = IndexedRedisManager(manager_url, channel=store.channel, redis_options=manager_options)
     cors: Any = _socket_origins(settings.cors_origins)
@@ -122,7 +123,8 @@ def create_app(settings: Settings | None = None) -> Flask:
                         cors_allowed_origins=cors, ping_interval=20, ping_timeout=20, logger=False,
                         engineio_logger=False)
     count = ConnectionCount()
-    app.extensions[EXTENSION] = ApiContext(settings, service, auth, count, socketio)
+    health = HealthCheck(settings, make_probe(settings), potpie, service.started)
+    app.extensions[EXTENSION] = ApiContext(settings, service, auth, count, socketio, health)
     app.register_blueprint(routes.bp)
     sockets.register(socketio, service, auth, count)
     app.register_blueprint(jobs_routes.bp)

@@ -14,6 +14,7 @@ from ..auth import Authenticator, presented_key as key_presented
 from ..config import Settings
 from ..core.errors import ValidationError
 from ..core.submission import MAX_BODY_BYTES
+from ..health import HealthCheck
 from ..service import JobService
 from .errors import PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
@@ -42,6 +43,7 @@ class ApiContext:
     auth: Authenticator
     sockets: ConnectionCount
     socketio: SocketIO
+    health: HealthCheck
 
 
 def context() -> ApiContext:

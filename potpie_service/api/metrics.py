@@ -22,7 +22,7 @@ from ..store.jobs import JobStore
 
 log = logging.getLogger(__name__)
 ACCESS = logging.getLogger("potpie_service.access")
-QUIET_ROUTES = frozenset({"/livez", "/metrics"})
+QUIET_ROUTES = frozenset({"/livez", "/readyz", "/metrics"})
 # ACCESS_LOG: the lowest status that gets an access line. Every request is measured in the metrics either way.
 ACCESS_LOG_FLOOR = {"all": 0, "errors": 400, "off": 600}
 
@@ -64,7 +64,7 @@ class ClusterCollector:
     def __init__(self, store: JobStore, settings: Settings) -> None:
         self.store = store
         self.max_concurrent = settings.max_concurrent_jobs
-        self.worker_max_age = max(30.0, 3 * settings.worker_heartbeat_interval)
+        self.worker_max_age = settings.worker_max_age
 
     def describe(self) -> list[Metric]:
         """Nothing to check at registration (names are fixed); avoids a Redis read there."""

@@ -143,6 +143,11 @@ SCHEMAS: dict[str, Schema] = {
                        "timestamp": _TIMESTAMP, "uptime": {"type": "number", "minimum": 0}},
     },
     "Live": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
+    "Ready": {
+        "type": "object", "required": ["status", "redis_latency_ms"],
+        "properties": {"status": {"enum": ["ready", "unready"]}, "redis_latency_ms": {"type": "number", "minimum": 0},
+                       "reason": {"type": "string"}},
+    },
     "JobSummary": {
         "type": "object", "required": ["job_id", "project_id", "repo", "branch", "status", "progress", "attempts"],
         "properties": {
@@ -219,10 +224,14 @@ def _raw(media_type: str, description: str) -> dict[str, Any]:
 PATHS: dict[str, Any] = {
     "/": {"get": _op("Service name, version and uptime", {"200": _json("Info", "Running")}, secured=False)},
     "/livez": {"get": _op("Liveness probe", {"200": _json("Live", "The process answers")}, secured=False)},
+    "/readyz": {"get": _op(
+        "Readiness probe: this process's Redis answers a PING within 0.5 s (workers do not count)",
+        {"200": _json("Ready", "Ready to serve"), "503": _json("Ready", "Redis does not answer; `reason` says how")},
+        secured=False)},
     "/health": {"get": _op(
-        "Dependency health; details only with an API key (client or ops)",
-        {"200": _json("Health", "Healthy or degraded (Potpie unreachable)"),
-         "503": _json("Health", "Unhealthy: Redis or every worker is down")},
+        "Every dependency's state; details only with an API key (client or ops)",
+        {"200": _json("Health", "ok, or degraded: no worker alive, Potpie unreachable or too few Redis replicas"),
+         "503": _json("Health", "unhealthy: Redis unreachable (or not the master)")},
         security=[{}, {"bearer": []}, {"apiKey": []}])},
     "/analyze": {"post": _op(
         "Queue an analysis of a GitHub repository",

@@ -10,6 +10,7 @@ from flask import Blueprint, current_app, jsonify, request
 from .. import SERVICE_NAME, __version__
 from ..core import submission
 from ..core.events import now_iso
+from ..health import UNHEALTHY
 from . import openapi
 from .context import context, json_body, presented_key, require_owner
 from .errors import Unauthorized
@@ -43,14 +44,24 @@ def metrics() -> Any:
     return current_app.response_class(body, content_type=content_type)
 
 
+@bp.get("/readyz")
+def readyz() -> Any:
+    readiness = context().health.ready()
+    body = {"status": "ready" if readiness.ready else "unready", "redis_latency_ms": readiness.latency_ms}
+    if not readiness.ready:
+        body["reason"] = readiness.reason
+    return jsonify(body), 200 if readiness.ready else 503
+
+
 @bp.get("/health")
 def health() -> Any:
     ctx = context()
-    status, body = ctx.service.health(ctx.sockets.value)
+    report = ctx.health.report(ctx.sockets.value)
+    body = report.body
     if not ctx.auth.operator(presented_key()):
         body = {"status": body["status"], "timestamp": body["timestamp"],
                 "details": "send an API key for the dependency details"}
-    return jsonify(body), status
+    return jsonify(body), 503 if report.status == UNHEALTHY else 200
 
 
 @bp.post("/analyze")

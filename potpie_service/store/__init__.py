@@ -4,8 +4,11 @@ token bucket), each change an atomic Lua script (store/lua/). The only package t
 from __future__ import annotations
 
 from ..config import Settings
-from ..connections import SOCKET_TIMEOUT, make_redis
+from ..connections import SOCKET_TIMEOUT, make_probe_redis, make_redis
+from ..core.model import JobStatus
 from .jobs import Durability, JobStore
+from .keys import Keys
+from .probe import StoreProbe
 
 
 def make_store(settings: Settings, timeout: float = SOCKET_TIMEOUT) -> JobStore:
@@ -14,3 +17,10 @@ def make_store(settings: Settings, timeout: float = SOCKET_TIMEOUT) -> JobStore:
                     settings.job_ttl_completed, settings.job_ttl_failed,
                     Durability(settings.redis_min_replicas_ack, settings.redis_min_replicas_timeout_ms),
                     submit_budget_s=timeout)
+
+
+def make_probe(settings: Settings) -> StoreProbe:
+    """The API's probe reads (/readyz, /health) on a short-timeout client of their own."""
+    retention = {JobStatus.FINISHED: settings.job_ttl_completed, JobStatus.FAILED: settings.job_ttl_failed,
+                 JobStatus.CANCELLED: settings.job_ttl_failed}
+    return StoreProbe(make_probe_redis(settings), Keys(settings.queue_name), retention)

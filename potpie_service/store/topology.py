@@ -13,13 +13,17 @@ def describe(client: redis.Redis) -> dict[str, Any]:
     """The role of the node the client writes to, its connected replicas, and the sentinels' view if any."""
     info = client.info("replication")
     view: dict[str, Any] = {"role": info.get("role", "unknown"), "replicas": int(info.get("connected_slaves", 0))}
-    pool = client.connection_pool
-    if isinstance(pool, SentinelConnectionPool):
-        view["sentinel"] = _sentinel_view(pool)
+    sentinels = sentinel_view(client)
+    if sentinels is not None:
+        view["sentinel"] = sentinels
     return view
 
 
-def _sentinel_view(pool: SentinelConnectionPool) -> dict[str, Any]:
+def sentinel_view(client: redis.Redis) -> dict[str, Any] | None:
+    """What each sentinel says of the client's master (None without sentinels)."""
+    pool = client.connection_pool
+    if not isinstance(pool, SentinelConnectionPool):
+        return None
     name = pool.service_name
     seen = []
     for sentinel in pool.sentinel_manager.sentinels:

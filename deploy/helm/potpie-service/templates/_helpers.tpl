@@ -166,3 +166,15 @@ checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/*
+The label matchers every alert puts on the API's series: metrics.prometheusRule.selector, or by default the
+namespace of the release and the job the chart's ServiceMonitor gives them (the API Service's name).
+*/}}
+{{- define "potpie-service.alertSelector" -}}
+{{- if .Values.metrics.prometheusRule.selector }}
+{{- .Values.metrics.prometheusRule.selector }}
+{{- else }}
+{{- printf "namespace=%q, job=%q" .Release.Namespace (include "potpie-service.componentFullname" (dict "root" . "component" "api")) }}
+{{- end }}
+{{- end }}
