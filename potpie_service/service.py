@@ -17,7 +17,8 @@ from .core.errors import Conflict, NotFound, RateLimited, Unavailable, Validatio
 from .core.events import final_events, now_iso
 from .core.job import Change, Job, JobUpdate
 from .core.model import MESSAGES, JobStatus
-from .core.submission import AnalyzeRequest, StepMessage
+from .celery_message import StepMessage
+from .core.submission import AnalyzeRequest
 from .store.jobs import Dedup, JobStore, NotReplicated
 from .store.ratelimit import Charge
 from .tokens import TokenCipher
@@ -39,7 +40,7 @@ class JobService:
         self.store = store
         self.dispatch = dispatch
         self.stop_run = stop_run  # queues the stop of the agent run a cancelled job leaves (queue.run_stopper)
-        self.first_step = first_step  # a new job's first step, for the submit script to enqueue (queue.FirstSteps)
+        self.first_step = first_step  # a job's first step, for the submit script to push (celery_message.FirstSteps)
         self.cipher = cipher
         self.observe: Callable[[Change], None] = store.recorder().observe
         self.started = time.time()

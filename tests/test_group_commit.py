@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from potpie_service.core.job import Job
-from potpie_service.core.submission import StepMessage
+from potpie_service.celery_message import StepMessage
 from potpie_service.store.batch import GroupCommit
 from potpie_service.store.jobs import JobStore
 from tests.stack import RedisServer, wait_for

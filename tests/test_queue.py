@@ -1,6 +1,6 @@
-"""The first step the submit script enqueues (queue.FirstSteps) is the message `send_task` would have written, and
-its task-sent event the one Celery would have published: compared field by field on a real Redis. A submit that
-must WAIT for replicas (REDIS_MIN_REPLICAS_ACK) puts nothing on the queue before they hold the job."""
+"""The first step the submit script enqueues (celery_message.FirstSteps) is the message `send_task` would have
+written, and its task-sent event the one Celery would have published: compared field by field on a real Redis. A
+submit that must WAIT for replicas (REDIS_MIN_REPLICAS_ACK) puts nothing on the queue before they hold the job."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import redis
 
 from potpie_service.config import Settings, parse_rate_limits
 from potpie_service.core.job import Job
-from potpie_service.queue import FirstSteps, dispatcher, make_celery
+from potpie_service.celery_message import FirstSteps
+from potpie_service.queue import dispatcher, make_celery
 from potpie_service.store.jobs import Durability, JobStore, NotReplicated
 
 # what differs between any two messages: fresh ids, the sender's name and clocks
@@ -40,7 +41,7 @@ def test_first_step_message_and_event_match_what_send_task_writes(redis_server) 
     app = make_celery(settings)
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     events = client.pubsub()
-    steps = FirstSteps(app, settings)
+    steps = FirstSteps(app, settings.queue_name)
     events.subscribe(steps.event_channel)
     events.get_message(timeout=1)  # the subscription's confirmation
 
@@ -66,7 +67,7 @@ def test_first_step_message_and_event_match_what_send_task_writes(redis_server) 
 def test_a_submit_that_waits_for_replicas_enqueues_nothing_before_they_hold_the_job(redis_server) -> None:
     queue = f"test-queue-{uuid.uuid4().hex[:6]}"
     settings = Settings(redis_url_raw=redis_server.url, queue_name=queue)
-    steps = FirstSteps(make_celery(settings), settings)
+    steps = FirstSteps(make_celery(settings), settings.queue_name)
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     durable = JobStore(client, queue, 3, 60, 60, Durability(replicas=1, timeout_ms=300))  # this Redis has none
     seen: list[object] = []

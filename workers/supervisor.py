@@ -17,7 +17,6 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutting_down
 from celery.utils import worker_direct
-from celery.worker import state as worker_state
 
 from potpie_service import green
 from potpie_service.pipeline.positions import announce
@@ -27,6 +26,7 @@ from potpie_service.config import Settings
 from potpie_service.store import make_store
 
 from .app import app, current_settings
+from .celery_worker import acknowledge_current, running_count, running_requests, stop_consuming
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
@@ -63,7 +63,7 @@ class Supervisor:
         processes = getattr(self.consumer.pool, "num_processes", 0) or 1
         horizon = time.time() - self.settings.task_time_limit - 30  # older than this, a "running" task is a wedge
         try:
-            running = [r for r in tuple(worker_state.active_requests) if (r.time_start or time.time()) > horizon]
+            running = [r for r in running_requests() if (r.time_start or time.time()) > horizon]
         except RuntimeError:  # the main thread changed the set meanwhile; judge again next tick
             return False
         return len(running) >= processes
@@ -117,10 +117,13 @@ class GreenWaits:
         return slots - max(1, min(50, slots // 20))
 
     def allowed(self) -> bool:
-        return green.active() and not stopping() and len(worker_state.active_requests) < self.limit
+        return green.active() and not stopping() and running_count() < self.limit
 
     def sleep(self, seconds: float) -> bool:
-        _acknowledge_current()
+        # A waiting run must not hold the worker's prefetch budget (kombu stops fetching at WORKER_CONCURRENCY
+        # unacked messages): its message is acked before its first wait. Its job stays safe: the run holds the step
+        # lease while it waits, and if the worker dies the lease lapses and the sweeper dispatches the step again.
+        acknowledge_current()
         return not _shutdown_started.wait(seconds)
 
     def on_stop(self, callback: Any) -> None:
@@ -135,27 +138,11 @@ class GreenWaits:
 WAITS = GreenWaits()  # the worker process's one: the pipeline and the shutdown share it
 
 
-def _acknowledge_current() -> None:
-    """Ack the running task's message before its first wait: a waiting run must not hold the worker's prefetch
-    budget (kombu stops fetching at WORKER_CONCURRENCY unacked messages). Its job stays safe: the run holds the
-    step lease while it waits, and if the worker dies the lease lapses and the sweeper dispatches the step again."""
-    from celery import current_task
-
-    context = current_task.request if current_task else None
-    if context is None or getattr(context, "psvc_acked", False):
-        return
-    context.psvc_acked = True
-    for request in tuple(worker_state.active_requests):
-        if request.id == context.id:
-            request.acknowledge()
-            return
-
-
 def _stop_consuming(consumer: Any) -> None:
     """Stop taking steps at once. Celery's own green consumer loop notices the shutdown only after its current
     2 s wait for messages, and would start what arrives meanwhile."""
     try:
-        consumer.cancel_task_queue(current_settings().queue_name)
+        stop_consuming(consumer, current_settings().queue_name)
     except Exception as exc:  # the broker may be away; the task's own check still hands a late step back
         log.warning("could not stop consuming at once (%s)", type(exc).__name__)
 
@@ -175,14 +162,14 @@ def _escalate(grace: float) -> None:
     """After the grace period, stop waiting for running steps: a green worker's runs hand theirs back at once;
     anything still running (or any other pool) gets a cold shutdown, which cancels and requeues it."""
     time.sleep(grace)
-    if not worker_state.active_requests:
+    if not running_count():
         return
     log.warning("steps still running %.0f s after the shutdown signal: cancelling them; they are handed "
                 "back to the queue and resumed by another worker", grace)
     if green.active():
         WAITS.stop()
         time.sleep(3.0)  # their runs free the leases and dispatch the steps again, then Celery exits
-        if not worker_state.active_requests:
+        if not running_count():
             return
     os.kill(os.getpid(), signal.SIGQUIT)
 

@@ -20,7 +20,7 @@ from ..core.errors import ServiceError
 from ..core.submission import MAX_BODY_BYTES
 from ..health import HealthCheck
 from ..potpie.client import PotpieClient
-from ..queue import FirstSteps, dispatcher, make_celery, run_stopper
+from ..queue import dispatcher, first_steps, make_celery, run_stopper
 from ..service import JobService
 from ..store import make_probe, make_store
 from ..connections import api_timeout, socketio_manager_args, tls_problem
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     celery = make_celery(settings)
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout, attempts=1)
     service = JobService(settings, store, dispatcher(celery, settings), TokenCipher(settings.token_encryption_key),
-                         FirstSteps(celery, settings), run_stopper(celery, settings))
+                         first_steps(celery, settings), run_stopper(celery, settings))
     manager_url, manager_options = socketio_manager_args(settings)
     manager = IndexedRedisManager(manager_url, channel=store.channel, redis_options=manager_options)
     cors: Any = _socket_origins(settings.cors_origins)

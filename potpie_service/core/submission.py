@@ -40,16 +40,6 @@ LIST_STATUSES = tuple(status.value for status in (JobStatus.FINISHED, JobStatus.
 
 
 @dataclass(frozen=True)
-class StepMessage:
-    """A job's first step as the broker would hold it, for the submit script to push with the job itself (one
-    round trip): the Celery message in kombu's Redis envelope, and its task-sent event for Flower."""
-
-    body: str           # pushed onto the Celery queue's list
-    event_channel: str  # where kombu publishes a task-sent event
-    event: str
-
-
-@dataclass(frozen=True)
 class AnalyzeRequest:
     """A validated `POST /analyze` body."""
 

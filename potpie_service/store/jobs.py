@@ -16,7 +16,7 @@ from ..config import RateLimit
 from ..core.events import Event
 from ..core.job import Job, JobUpdate, to_hash
 from ..core.model import JobStatus
-from ..core.submission import StepMessage
+from ..celery_message import StepMessage
 from .batch import GroupCommit
 from .broadcast import Broadcast, broadcast
 from .flights import Flights

@@ -1,5 +1,5 @@
 -- A new job at the back of the line, then admission of what fits; a job admitted at once has its first step pushed
--- onto the Celery queue here (its message built by queue.FirstSteps) and is left out of the admitted list returned.
+-- onto the Celery queue here (its message built by celery_message.FirstSteps) and is left out of the admitted list returned.
 -- KEYS: 1 job, 2 waiting, 3 active, 4 tickets, 5 owner index, 6 secret, 7 idempotency key, 8 dedup key,
 --       9 the Celery queue (kombu's list), 10... the caller's rate-limit counters (none: not limited here)
 -- a: prefix, max, now, id, fields, secret ('' for none), secret_ttl, use_idempotency, request_hash,
