@@ -184,6 +184,9 @@ class Settings:
     job_ttl_completed: int = _env("JOB_TTL_COMPLETED", "86400", _int(1))
     job_ttl_failed: int = _env("JOB_TTL_FAILED", "604800", _int(1))
     socketio_async_mode: str = _env("SOCKETIO_ASYNC_MODE", "gevent", _choice("gevent", "threading"))
+    request_headers_max_bytes: int = _env("REQUEST_HEADERS_MAX_BYTES", "16384", _int(4096, 1048576))
+    request_body_timeout: float = _env("REQUEST_BODY_TIMEOUT", "10", _float(0.5))  # a whole body, else 408
+    socketio_max_message_bytes: int = _env("SOCKETIO_MAX_MESSAGE_BYTES", "65536", _int(1024, 10485760))
     cors_origins: tuple[str, ...] = _env("CORS_ORIGINS", "", _csv)
     broker_visibility_timeout: int = _env("BROKER_VISIBILITY_TIMEOUT", "3600", _int(30))
     worker_pool: str = _env("WORKER_POOL", "gevent", _choice("gevent", "prefork", "threads", "solo"))
