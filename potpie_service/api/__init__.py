@@ -33,7 +33,7 @@ from .metrics import instrument
 from .ratelimit import init_rate_limits
 from .rooms import IndexedRedisManager
 from .submit_path import SubmitPath
-from .websocket import decline_compression
+from .websocket import bound_websockets, decline_compression
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs_routes.bp)
     _install_hooks(app, settings)
     metrics = instrument(app, settings, store, count)  # /metrics data, request latency, access log
+    bound_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused)
     metrics.count_sessions(lambda: len(socketio.server.eio.sockets))
     limiter = init_rate_limits(app, settings, auth, store)
     app.wsgi_app = SubmitPath(app.wsgi_app, service, auth, limiter, metrics,  # type: ignore[method-assign]
