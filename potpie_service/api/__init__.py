@@ -32,6 +32,7 @@ from .headers import SecurityHeaders, cors_headers, request_id_of
 from .metrics import instrument
 from .ratelimit import init_rate_limits
 from .rooms import IndexedRedisManager
+from .sessions import SessionGuard
 from .submit_path import SubmitPath
 from .websocket import bound_websockets, decline_compression
 
@@ -119,9 +120,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     manager = IndexedRedisManager(manager_url, channel=store.channel, redis_options=manager_options)
     cors: Any = _socket_origins(settings.cors_origins)
     decline_compression()  # ~140 KB a socket for frames of a few hundred bytes (api/websocket.py)
+    # async_handlers=False: a socket's events are handled one at a time, in its own reader (api/sessions.py)
     socketio = SocketIO(app, async_mode=settings.socketio_async_mode, client_manager=manager,
                         cors_allowed_origins=cors, ping_interval=20, ping_timeout=20, logger=False,
-                        engineio_logger=False, max_http_buffer_size=settings.socketio_max_message_bytes)
+                        engineio_logger=False, max_http_buffer_size=settings.socketio_max_message_bytes,
+                        async_handlers=False)
     count = ConnectionCount()
     app.extensions[EXTENSION] = ApiContext(settings, service, auth, count, socketio)
     app.register_blueprint(routes.bp)
@@ -129,6 +132,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs_routes.bp)
     _install_hooks(app, settings)
     metrics = instrument(app, settings, store, count)  # /metrics data, request latency, access log
+    SessionGuard(socketio.server, settings, metrics.refused)  # sockets must authenticate, behave, or go
     bound_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused)
     metrics.count_sessions(lambda: len(socketio.server.eio.sockets))
     limiter = init_rate_limits(app, settings, auth, store)
