@@ -185,6 +185,7 @@ class Settings:
     job_ttl_failed: int = _env("JOB_TTL_FAILED", "604800", _int(1))
     socketio_async_mode: str = _env("SOCKETIO_ASYNC_MODE", "gevent", _choice("gevent", "threading"))
     request_headers_max_bytes: int = _env("REQUEST_HEADERS_MAX_BYTES", "16384", _int(4096, 1048576))
+    request_header_fields_max: int = _env("REQUEST_HEADER_FIELDS_MAX", "50", _int(10, 1000))  # gunicorn's
     request_body_timeout: float = _env("REQUEST_BODY_TIMEOUT", "10", _float(0.5))  # a whole body, else 408
     socketio_max_message_bytes: int = _env("SOCKETIO_MAX_MESSAGE_BYTES", "65536", _int(1024, 10485760))
     socketio_connect_timeout: float = _env("SOCKETIO_CONNECT_TIMEOUT", "5", _float(0.5))  # to authenticate

@@ -126,6 +126,15 @@ def test_headers_over_the_total_are_431(api: Service, path: str) -> None:
     assert requests.get(api.url + path, headers={"X-Pad": "p" * 6000}, timeout=5).status_code == 200  # type: ignore[attr-defined]
 
 
+def test_more_header_fields_than_the_limit_are_431(api: Service) -> None:
+    """REQUEST_HEADER_FIELDS_MAX (50, gunicorn's limit_request_fields): 60 small headers, 1 KB in all."""
+    headers = {f"X-F{i}": "v" for i in range(60)}
+    answer = requests.get(api.url + "/livez", headers=headers, timeout=5)  # type: ignore[attr-defined]
+    assert answer.status_code == 431, answer.text
+    assert answer.json()["details"] == {"field": "headers"}
+    assert requests.get(api.url + "/livez", headers=dict(list(headers.items())[:40]), timeout=5).status_code == 200  # type: ignore[attr-defined]
+
+
 def test_methods_a_client_makes_up_share_one_metric_series(api: Service) -> None:
     series = 'potpie_http_request_duration_seconds_count{method="other",route="unmatched",status="405"}'
     requests.request("XFIRST", api.url + "/livez", timeout=5)  # type: ignore[attr-defined]  # the series exists
