@@ -202,6 +202,7 @@ class Victims:
         assert self.latencies, "the victims asked nothing"
         assert set(self.statuses) == {200}, f"victims' statuses: {sorted(set(self.statuses))}"
         assert self.slowest <= within, f"/livez took up to {self.slowest:.2f} s for other clients"
+        print(f"others' /livez: {len(self.latencies)} answers, the slowest in {self.slowest * 1000:.0f} ms")
 
 
 class Process:
