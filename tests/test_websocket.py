@@ -178,6 +178,33 @@ def test_a_message_over_the_limit_is_refused_as_it_arrives(api: Service, websock
     wait_for(lambda: metric(api, "potpie_socketio_sessions") == 0, 3, what="its session gone")
 
 
+@pytest.fixture(scope="module")
+def threaded_api(redis_server: Any) -> Iterator[Service]:
+    """The guarded API in SOCKETIO_ASYNC_MODE=threading (gunicorn gthread, a thread per WebSocket)."""
+    from tests.hostile import start_guarded_api
+
+    service = start_guarded_api(redis_server.url, "threaded-api", SOCKETIO_ASYNC_MODE="threading", API_THREADS="50")
+    yield service
+    service.stop()
+
+
+def test_under_threads_every_socket_over_the_limit_is_closed_and_released(threaded_api: Service,
+                                                                           websockets: Any) -> None:
+    process = Process(threaded_api)
+    before = refusals(threaded_api, "message_too_big")
+    for _ in range(6):
+        ws = websockets(threaded_api)
+        assert ws.connect_namespace(ALICE).startswith(b"40{")
+        ws.sock.sendall(ws.frame_header(1_000_000))
+        try:
+            ws.sock.sendall(b"4" * 200_000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    wait_for(lambda: refusals(threaded_api, "message_too_big") == before + 6, 5, what="every refusal counted")
+    wait_for(lambda: metric(threaded_api, "potpie_socketio_sessions") == 0, 5, what="every session released")
+    process.check_log()
+
+
 def test_closed_websocket_sessions_are_removed_at_once(api: Service) -> None:
     import socketio
 
