@@ -188,6 +188,13 @@ class Settings:
     job_ttl_completed: int = _env("JOB_TTL_COMPLETED", "86400", _int(1))
     job_ttl_failed: int = _env("JOB_TTL_FAILED", "604800", _int(1))
     socketio_async_mode: str = _env("SOCKETIO_ASYNC_MODE", "gevent", _choice("gevent", "threading"))
+    request_headers_max_bytes: int = _env("REQUEST_HEADERS_MAX_BYTES", "16384", _int(4096, 1048576))
+    request_header_fields_max: int = _env("REQUEST_HEADER_FIELDS_MAX", "50", _int(10, 1000))  # gunicorn's
+    request_body_timeout: float = _env("REQUEST_BODY_TIMEOUT", "10", _float(0.5))  # a whole body, else 408
+    socketio_max_message_bytes: int = _env("SOCKETIO_MAX_MESSAGE_BYTES", "65536", _int(1024, 10485760))
+    socketio_connect_timeout: float = _env("SOCKETIO_CONNECT_TIMEOUT", "5", _float(0.5))  # to authenticate
+    socketio_event_rate: float = _env("SOCKETIO_EVENT_RATE", "20", _float(0.1))  # per socket and second
+    socketio_event_burst: int = _env("SOCKETIO_EVENT_BURST", "200", _int(1, 100000))
     cors_origins: tuple[str, ...] = _env("CORS_ORIGINS", "", _csv)
     broker_visibility_timeout: int = _env("BROKER_VISIBILITY_TIMEOUT", "3600", _int(30))
     worker_pool: str = _env("WORKER_POOL", "gevent", _choice("gevent", "prefork", "threads", "solo"))

@@ -60,6 +60,33 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
+def guarded_api(redis_server: RedisServer) -> Iterator[Service]:
+    """An API process alone (no worker), auth on, with short edge deadlines: REQUEST_BODY_TIMEOUT=1,
+    SOCKETIO_CONNECT_TIMEOUT=1 (tests/hostile.py)."""
+    from tests.hostile import start_guarded_api
+
+    api = start_guarded_api(redis_server.url, "guarded-api", REQUEST_BODY_TIMEOUT="1", SOCKETIO_CONNECT_TIMEOUT="1")
+    yield api
+    api.stop()
+
+
+@pytest.fixture
+def websockets() -> Iterator[Callable[..., Any]]:
+    """A factory of raw WebSockets to an API (`websockets(api)`, tests/hostile.py), closed after the test."""
+    from tests.hostile import RawWebSocket
+
+    made: list[RawWebSocket] = []
+
+    def open_one(api: Service) -> RawWebSocket:
+        made.append(RawWebSocket(api))
+        return made[-1]
+
+    yield open_one
+    for ws in made:
+        ws.close()
+
+
+@pytest.fixture(scope="session")
 def simulator() -> Iterator[Simulator]:
     sim = Simulator(SimulatorConfig(api_key=SIM_KEY, parse_seconds=0.6, slow_parse_seconds=3.0, hang_seconds=4.0))
     sim.start()

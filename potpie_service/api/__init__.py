@@ -27,13 +27,15 @@ from ..connections import api_timeout, socketio_manager_args, tls_problem
 from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
 from .context import EXTENSION, ApiContext, ConnectionCount
+from .edge import EdgeLimits, RequestLimits
 from .errors import ApiError, error_response, refusal_for
 from .headers import SecurityHeaders, cors_headers, request_id_of
 from .metrics import instrument
 from .ratelimit import init_rate_limits
 from .rooms import IndexedRedisManager
+from .sessions import SessionGuard
 from .submit_path import SubmitPath
-from .websocket import decline_compression
+from .websocket import bound_websockets, decline_compression
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +121,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     manager = IndexedRedisManager(manager_url, channel=store.channel, redis_options=manager_options)
     cors: Any = _socket_origins(settings.cors_origins)
     decline_compression()  # ~140 KB a socket for frames of a few hundred bytes (api/websocket.py)
+    # async_handlers=False: a socket's events are handled one at a time, in its own reader (api/sessions.py)
     socketio = SocketIO(app, async_mode=settings.socketio_async_mode, client_manager=manager,
                         cors_allowed_origins=cors, ping_interval=20, ping_timeout=20, logger=False,
-                        engineio_logger=False)
+                        engineio_logger=False, max_http_buffer_size=settings.socketio_max_message_bytes,
+                        async_handlers=False)
     count = ConnectionCount()
     health = HealthCheck(settings, make_probe(settings), potpie, service.started)
     app.extensions[EXTENSION] = ApiContext(settings, service, auth, count, socketio, health)
@@ -130,9 +134,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs_routes.bp)
     _install_hooks(app, settings)
     metrics = instrument(app, settings, store, count)  # /metrics data, request latency, access log
+    SessionGuard(socketio.server, settings, metrics.refused)  # sockets must authenticate, behave, or go
+    bound_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused)
+    metrics.count_sessions(lambda: len(socketio.server.eio.sockets))
     limiter = init_rate_limits(app, settings, auth, store)
     app.wsgi_app = SubmitPath(app.wsgi_app, service, auth, limiter, metrics,  # type: ignore[method-assign]
                               app.json, frozenset(settings.cors_origins))
+    edge = EdgeLimits.of(settings, body_max_bytes=app.config["MAX_CONTENT_LENGTH"])
+    app.wsgi_app = RequestLimits(app.wsgi_app, edge, metrics)  # type: ignore[method-assign]
     app.wsgi_app = SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]
     if settings.trusted_proxies:  # client IP and scheme from X-Forwarded-* set by that many proxies in front
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import redis
 from flask import Flask, Response, g, request
-from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.process_collector import ProcessCollector
@@ -23,6 +24,11 @@ from ..store.jobs import JobStore
 log = logging.getLogger(__name__)
 ACCESS = logging.getLogger("potpie_service.access")
 QUIET_ROUTES = frozenset({"/livez", "/readyz", "/metrics"})
+# The method label: these, and "other" for any token a client makes up (each distinct value would be a new series).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+# Why the edge refused a request or closed a socket (api/edge.py, api/websocket.py, api/sessions.py).
+REFUSALS = ("headers_too_large", "body_too_large", "body_timeout", "bad_body", "bad_upgrade", "message_too_big",
+            "malformed_packet", "unauthenticated", "connect_timeout", "event_budget")
 # ACCESS_LOG: the lowest status that gets an access line. Every request is measured in the metrics either way.
 ACCESS_LOG_FLOOR = {"all": 0, "errors": 400, "off": 600}
 
@@ -116,6 +122,12 @@ class ApiMetrics:
         connections = Gauge("potpie_socketio_connections", "Socket.IO connections open on this API process.",
                             registry=self.registry)
         connections.set_function(lambda: sockets.value)
+        self.sessions = Gauge("potpie_socketio_sessions", "Engine.IO sessions held by this API process, those not "
+                              "(yet) authenticated included.", registry=self.registry)
+        self.refusals = Counter("potpie_edge_refusals_total", "Requests refused and sockets closed by this API "
+                                "process's edge, by reason.", ("reason",), registry=self.registry)
+        for reason in REFUSALS:  # every reason from the first scrape, so rate() and alerts work at once
+            self.refusals.labels(reason)
         ProcessCollector(registry=self.registry)
         self.registry.register(ClusterCollector(store, settings))
 
@@ -127,7 +139,15 @@ class ApiMetrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one HTTP request of this process."""
-        self.http.labels(method, route, str(status)).observe(seconds)
+        self.http.labels(method if method in METHODS else "other", route, str(status)).observe(seconds)
+
+    def refused(self, reason: str) -> None:
+        """Count a request refused or a socket closed by the edge (`reason` is one of REFUSALS)."""
+        self.refusals.labels(reason).inc()
+
+    def count_sessions(self, count: Callable[[], int]) -> None:
+        """Read the Engine.IO session count from `count` at each scrape."""
+        self.sessions.set_function(count)
 
     def finished(self, method: str, route: str, path: str, status: int, seconds: float,
                  request_id: str | None) -> None:
