@@ -194,7 +194,8 @@ def sentinel_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def make_redis(settings: Settings, socket_timeout: float = SOCKET_TIMEOUT) -> redis.Redis:
+def make_redis(settings: Settings, socket_timeout: float = SOCKET_TIMEOUT,
+               redis_class: type[redis.Redis] = redis.Redis) -> redis.Redis:
     """A Redis client for the job store: a blocking pool of REDIS_MAX_CONNECTIONS, so a thousand greenlets (or API
     threads) share a bounded set of connections, waiting their turn at most `socket_timeout` (redis-py's own pool
     stops at 100 and raises instead), behind a circuit breaker: after a call timed out, calls fail at once for a
@@ -203,14 +204,15 @@ def make_redis(settings: Settings, socket_timeout: float = SOCKET_TIMEOUT) -> re
     options = redis_options(settings, socket_timeout, GuardedRetry(Breaker()))
     if settings.redis_sentinels:
         sentinel = Sentinel(list(settings.redis_sentinels), sentinel_kwargs=sentinel_options(settings))
-        return sentinel.master_for(settings.redis_sentinel_master, connection_pool_class=SentinelBlockingPool,
-                                   decode_responses=True, **bound, **node_options(settings),
-                                   **({"ssl": True} if settings.redis_tls else {}), **options)
+        return sentinel.master_for(settings.redis_sentinel_master, redis_class=redis_class,
+                                   connection_pool_class=SentinelBlockingPool, decode_responses=True, **bound,
+                                   **node_options(settings), **({"ssl": True} if settings.redis_tls else {}),
+                                   **options)
     pool = GuardedBlockingPool.from_url(settings.redis_url, decode_responses=True, **bound, **options)
-    return redis.Redis(connection_pool=pool)
+    return redis_class(connection_pool=pool)
 
 
-def make_probe_redis(settings: Settings) -> redis.Redis:
+def make_probe_redis(settings: Settings, redis_class: type[redis.Redis] = redis.Redis) -> redis.Redis:
     """A Redis client of its own for the API's probes: PROBE_TIMEOUT to connect and to answer, a pool of
     PROBE_CONNECTIONS waited for at most PROBE_POOL_WAIT (so a probe never queues behind the shared pool), no
     health-check PING before a command. A refused or reset connection fails at once and is tried once more (a
@@ -222,11 +224,12 @@ def make_probe_redis(settings: Settings) -> redis.Redis:
     if settings.redis_sentinels:
         quick = {**sentinel_options(settings), "socket_connect_timeout": PROBE_TIMEOUT, "socket_timeout": PROBE_TIMEOUT}
         sentinel = Sentinel(list(settings.redis_sentinels), sentinel_kwargs=quick)
-        return sentinel.master_for(settings.redis_sentinel_master, connection_pool_class=SentinelBlockingPool,
-                                   decode_responses=True, **bound, **node_options(settings),
-                                   **({"ssl": True} if settings.redis_tls else {}), **options)
+        return sentinel.master_for(settings.redis_sentinel_master, redis_class=redis_class,
+                                   connection_pool_class=SentinelBlockingPool, decode_responses=True, **bound,
+                                   **node_options(settings), **({"ssl": True} if settings.redis_tls else {}),
+                                   **options)
     pool = redis.BlockingConnectionPool.from_url(settings.redis_url, decode_responses=True, **bound, **options)
-    return redis.Redis(connection_pool=pool)
+    return redis_class(connection_pool=pool)
 
 
 def broker_url(settings: Settings) -> str:

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 
 from . import SERVICE_NAME, __version__
 from .config import Settings
@@ -23,6 +22,7 @@ from .connections import PROBE_TIMEOUT
 from .core.events import now_iso
 from .potpie.client import PotpieClient
 from .store.probe import StoreProbe
+from .store import StoreUnavailable
 
 OK, DEGRADED, UNHEALTHY = "ok", "degraded", "unhealthy"
 UP, DOWN, UNKNOWN, PENDING = "up", "down", "unknown", "pending"
@@ -46,11 +46,11 @@ class Health:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-def _failure(exc: redis.RedisError) -> str:
-    kind = type(exc).__name__
+def _failure(exc: StoreUnavailable) -> str:
+    kind = exc.cause
     if "Timeout" in kind:
         return f"Redis did not answer within {PROBE_TIMEOUT:g} s ({kind})"
-    if "No connection available" in str(exc):  # every probe connection is waiting on Redis already
+    if "No connection available" in exc.reason:  # every probe connection is waiting on Redis already
         return f"Redis did not answer in time (every probe connection busy, {kind})"
     return f"Redis unreachable ({kind})"
 
@@ -108,7 +108,7 @@ class HealthCheck:
         started = time.perf_counter()
         try:
             return Readiness(True, round(self.probe.ping(), 2))
-        except redis.RedisError as exc:
+        except StoreUnavailable as exc:
             return Readiness(False, round((time.perf_counter() - started) * 1000, 2), _failure(exc))
 
     def report(self, sockets: int) -> Health:
@@ -129,7 +129,7 @@ class HealthCheck:
         started = time.perf_counter()
         try:
             seen = self.probe.read(self.settings.worker_max_age)
-        except redis.RedisError as exc:
+        except StoreUnavailable as exc:
             unknown = {"status": UNKNOWN}
             return {"redis": {"status": DOWN, "error": _failure(exc),
                               "latency_ms": round((time.perf_counter() - started) * 1000, 2)},

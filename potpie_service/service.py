@@ -1,4 +1,5 @@
-"""What the API does, below the HTTP layer: submit a job, describe it, count the queue (health: health.py)."""
+"""What the API does, below the HTTP layer: submit a job, describe it, cancel or retry it, count the queue (health:
+health.py). It returns what happened and raises domain errors (core/errors.py); only api/ knows HTTP."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Callable
-
-import redis
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 from .config import Settings
 from .core import analysis
@@ -19,7 +19,8 @@ from .core.job import Change, Job, JobUpdate
 from .core.model import MESSAGES, JobStatus
 from .celery_message import StepMessage
 from .core.submission import AnalyzeRequest
-from .store.jobs import Dedup, JobStore, NotReplicated
+from .store import NotReplicated, StoreUnavailable
+from .store.jobs import Dedup, JobStore
 from .store.ratelimit import Charge
 from .tokens import TokenCipher
 from .webhooks import UnsafeCallbackUrl, check_url
@@ -28,6 +29,19 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[str, int, float], None]
 DURATIONS_MAX_AGE = 1.0  # seconds an API process reuses the recent durations behind ETAs
+Outcome = Literal["created", "duplicate", "replayed"]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a submit did: created a job, or found the one it repeats (an identical request still running, or the
+    same Idempotency-Key); the job, its place in line and ETA, and the rate-limit counts the submit paid."""
+
+    outcome: Outcome
+    job: Job
+    queue_position: int | None
+    eta_seconds: float | None
+    rate_counts: list[int] | None = None
 
 
 class JobService:
@@ -47,9 +61,9 @@ class JobService:
         self._durations: tuple[float, list[float]] = (0.0, [])  # (read at, monotonic), for ETAs
 
     def submit(self, owner: str, request: AnalyzeRequest, idempotency_key: str | None = None,
-               retry_of: Job | None = None, charge: Charge | None = None) -> tuple[int, dict[str, Any]]:
-        """Queue a new analysis job, or find the one it repeats; return (HTTP status, body). An unpaid rate-limit
-        `charge` is counted by the same Redis call, which refuses (RateLimited) over the limit."""
+               retry_of: Job | None = None, charge: Charge | None = None) -> Submission:
+        """Queue a new analysis job, or find the one it repeats. A rate-limit `charge` is counted by the same Redis
+        call, which refuses (RateLimited) over the limit; its counts come back in the Submission."""
         if request.github_token and not self.cipher.enabled:
             raise ValidationError("github_token cannot be accepted: the server has no TOKEN_ENCRYPTION_KEY",
                                   field="github_token")
@@ -72,33 +86,36 @@ class JobService:
                                           self.first_step(job.id) if self.first_step else None, charge)
         except NotReplicated as exc:
             log.error("cannot queue the job: %s (REDIS_MIN_REPLICAS_ACK)", exc)
-            raise Unavailable(f"the job was not queued: {exc} (REDIS_MIN_REPLICAS_ACK={exc.wanted}); nothing was "
-                              "kept, try again later") from None
-        except redis.exceptions.TimeoutError:  # sent, then no answer: it may have run, or may yet (the deadline)
-            log.error("cannot queue the job: Redis did not answer in time")
-            raise Unavailable("Redis did not answer in time: the job may have been queued; retry with the same "
-                              "Idempotency-Key to get it if it was (a late arrival past the deadline is refused)",
-                              retry_with="Idempotency-Key") from None
-        except redis.RedisError as exc:
-            log.error("cannot queue the job: Redis unavailable (%s)", type(exc).__name__)
+            refused = Unavailable(f"the job was not queued: {exc} (REDIS_MIN_REPLICAS_ACK={exc.wanted}); nothing "
+                                  "was kept, try again later")
+            refused.rate_counts = exc.rate_counts  # the request was counted: it is not counted again
+            raise refused from None
+        except StoreUnavailable as exc:
+            log.error("cannot queue the job: Redis unavailable (%s)", exc.cause)
+            if exc.sent:  # sent, then no answer: it may have run, or may yet (the script refuses past its deadline)
+                raise Unavailable("Redis did not answer in time: the job may have been queued; retry with the same "
+                                  "Idempotency-Key to get it if it was (a late arrival past the deadline is "
+                                  "refused)", retry_with="Idempotency-Key") from None
             raise Unavailable("Redis connection failed: the job was not queued; try again later") from None
         if submitted.outcome == "late":
             log.error("cannot queue the job: Redis answered past the submit's deadline")
             raise Unavailable("Redis answered too late: the job was not queued; try again later")
         if submitted.outcome == "limited":
-            raise RateLimited("Too many requests: slow down and retry after the time in the Retry-After header")
+            raise RateLimited("Too many requests: slow down and retry after the time in the Retry-After header",
+                              rate_counts=submitted.rate_counts)
         if submitted.outcome == "conflict":
             raise Conflict("Idempotency-Key was already used with a different request", field="Idempotency-Key",
                            job_id=submitted.job_id)
         if submitted.outcome != "created":
             existing = self.job(owner, submitted.job_id)
-            body = self._accepted(existing, self.queue_position(existing))
-            body["deduplicated" if submitted.outcome == "duplicate" else "idempotent_replay"] = True
-            return 200, body
+            position = self.queue_position(existing)
+            outcome: Outcome = "duplicate" if submitted.outcome == "duplicate" else "replayed"
+            return Submission(outcome, existing, position, self.eta(existing, position), submitted.rate_counts)
         for admitted in submitted.admitted:  # others let in (and the job itself if the submit WAITed)
             self._dispatch_first(admitted)
         log.info("job queued for %s@%s", request.repo, request.branch, extra={"job_id": job.id})
-        return 202, self._accepted(job, submitted.queue_position)
+        return Submission("created", job, submitted.queue_position, self.eta(job, submitted.queue_position),
+                          submitted.rate_counts)
 
     def _dedup(self, request: AnalyzeRequest, idempotency_key: str | None) -> Dedup:
         identity = json.dumps([request.repo, request.branch, request.question, request.callback_url or "",
@@ -109,15 +126,6 @@ class JobService:
             idempotency_key=hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else "",
             request_hash=digest,
         )
-
-    def _accepted(self, job: Job, position: int | None) -> dict[str, Any]:
-        return {
-            "success": True, "project_id": job.id, "job_id": job.id, "status": job.status.value,
-            "message": MESSAGES[job.status], "websocket_endpoint": "/socket.io/",
-            "socketio": {"path": "/socket.io/", "join_event": "join_project", "room_id": job.id},
-            "status_url": f"/status/{job.id}", "queue_position": position,
-            "eta_seconds": self.eta(job, position), "timestamp": job.created_at or now_iso(),
-        }
 
     def _dispatch_first(self, job_id: str) -> None:
         try:
@@ -130,7 +138,7 @@ class JobService:
         """The owner's job, or NotFound (also for other owners' jobs: no existence leak)."""
         try:
             job = self.store.get(job_id) if job_id else None
-        except redis.RedisError:  # a domain error here, not the app's handler: Socket.IO joins call this too
+        except StoreUnavailable:  # a domain error here, not the app's handler: Socket.IO joins call this too
             raise Unavailable("Redis connection failed") from None
         if job is None or job.owner != owner:
             raise NotFound("Job not found", project_id=job_id)
@@ -178,7 +186,7 @@ class JobService:
         return analysis.eta_seconds(job.status, position, job.admitted_at or None, durations,
                                     self.settings.max_concurrent_jobs, time.time())
 
-    def cancel(self, owner: str, job_id: str | None) -> dict[str, Any]:
+    def cancel(self, owner: str, job_id: str | None) -> Job:
         """Cancel a queued or running job: free its slot, tell its room, abort its Potpie call in flight."""
         job = self.job(owner, job_id)
         if job.terminal:
@@ -200,8 +208,7 @@ class JobService:
                 log.warning("could not queue the stop of the job's agent run", extra={"job_id": job.id},
                             exc_info=True)
         log.info("job cancelled", extra={"job_id": job.id})
-        return {"success": True, "project_id": job.id, "job_id": job.id, "status": JobStatus.CANCELLED.value,
-                "timestamp": now_iso()}
+        return job
 
     def list_jobs(self, owner: str, status: JobStatus | None, page: int, per_page: int) -> dict[str, Any]:
         """A page of the owner's jobs, newest first (status=failed: the dead-letter list)."""
@@ -219,8 +226,9 @@ class JobService:
         return {"success": True, "jobs": rows, "page": page, "per_page": per_page, "total": total,
                 "status": status.value if status else None, "timestamp": now_iso()}
 
-    def retry(self, owner: str, job_id: str | None, github_token: str | None) -> tuple[int, dict[str, Any]]:
-        """Run a failed or cancelled job again as a new job that keeps the history."""
+    def retry(self, owner: str, job_id: str | None, github_token: str | None,
+              charge: Charge | None = None) -> Submission:
+        """Run a failed or cancelled job again as a new job that keeps the history (`retry_of`, `history`)."""
         job = self.job(owner, job_id)
         if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise Conflict(f"only failed or cancelled jobs can be retried (this one is {job.status.value})",
@@ -230,9 +238,7 @@ class JobService:
                                   "send it again as github_token", field="github_token")
         request = AnalyzeRequest(job.repo, job.branch, job.question, github_token, job.callback_url or None,
                                  job.commit_id or None)  # the same commit again: the retry is reproducible
-        status, body = self.submit(owner, request, retry_of=job)
-        body.update(retry_of=job.id, history=[*job.history, job.id])
-        return status, body
+        return self.submit(owner, request, retry_of=job, charge=charge)
 
     def queue_stats(self) -> dict[str, Any]:
         """The `/queue/stats` body: counts only."""

@@ -249,7 +249,7 @@ def test_sentinels_win_over_redis_url_and_each_client_is_built_for_them() -> Non
     assert [s.connection_pool.connection_kwargs["password"] for s in pool.sentinel_manager.sentinels] == ["sp"] * 3
     plain = Settings.from_env({"REDIS_URL": "redis://x:1/2"})
     assert broker_url(plain) == "redis://x:1/2"
-    assert type(make_celery(plain).connection_for_write().transport).__module__ == "potpie_service.queue"
+    assert type(make_celery(plain).connection_for_write().transport).__module__ == "potpie_service.kombu_redis"
 
 
 @pytest.mark.parametrize("env, named", [

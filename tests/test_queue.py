@@ -16,7 +16,8 @@ from potpie_service.config import Settings, parse_rate_limits
 from potpie_service.core.job import Job
 from potpie_service.celery_message import FirstSteps
 from potpie_service.queue import dispatcher, make_celery
-from potpie_service.store.jobs import Durability, JobStore, NotReplicated
+from potpie_service.store import NotReplicated
+from potpie_service.store.jobs import Durability, JobStore
 
 # what differs between any two messages: fresh ids, the sender's name and clocks
 PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "hostname", "pid", "clock", "timestamp",
@@ -76,12 +77,13 @@ def test_a_submit_that_waits_for_replicas_enqueues_nothing_before_they_hold_the_
     worker.start()
     refused = Job(uuid.uuid4().hex, owner="o", repo="octocat/hello")
     charge = durable.rate_limiter(parse_rate_limits("5/minute")).charge("key:o")
-    with pytest.raises(NotReplicated):
+    with pytest.raises(NotReplicated) as taken_back:
         durable.submit(refused, first_step=steps(refused.id), charge=charge)
     worker.join()
     assert seen == [None], "a worker could have started a job the API then refused"
     assert durable.get(refused.id) is None and client.llen(queue) == 0
-    assert charge.reply is not None and client.get(charge.keys[0]) == "1", "counted once: nothing counts it again"
+    assert taken_back.value.rate_counts is not None and client.get(charge.keys[0]) == "1", \
+        "counted once, and the counts handed back so that nothing counts it again"
 
     plain = JobStore(client, queue, 3, 60, 60)  # no replicas asked for: the script enqueues the first step itself
     job = Job(uuid.uuid4().hex, owner="o", repo="octocat/hello")

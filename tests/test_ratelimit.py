@@ -17,6 +17,7 @@ from potpie_service.store.keys import Keys
 from potpie_service.store.ratelimit import RateLimiter
 from potpie_service.config import Settings, parse_rate_limits
 from potpie_service.connections import make_redis
+from potpie_service.store.client import StoreRedis
 from tests.stack import RedisServer, free_port
 
 
@@ -77,7 +78,7 @@ def test_a_window_opens_with_the_first_request(redis_server) -> None:
 
 def test_redis_away_counts_per_process_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
     # the client the API builds (the service's timeouts and retries), pointed at a port where nothing listens
-    dead = make_redis(Settings.from_env({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}))
+    dead = make_redis(Settings.from_env({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}), redis_class=StoreRedis)
     limits = limiter(dead, "2/minute")
     with caplog.at_level(logging.WARNING, logger="potpie_service.api.ratelimit"):
         started = time.monotonic()
@@ -104,12 +105,13 @@ def test_a_submit_counts_its_charge_in_its_own_script_call_and_stores_nothing_ov
     charges = [limits.charge("key:alice") for _ in jobs]
     store.submit(Job(uuid.uuid4().hex, owner="bob", repo="octocat/hello"))  # Redis learns the script (NOSCRIPT)
     client.config_resetstat()
-    outcomes = [store.submit(job, charge=charge).outcome for job, charge in zip(jobs, charges)]
+    submitted = [store.submit(job, charge=charge) for job, charge in zip(jobs, charges)]
+    outcomes = [each.outcome for each in submitted]
     assert _script_calls(client) == 3, "one Redis call a submit, its rate-limit count included"
     assert outcomes == ["created", "created", "limited"]
     assert [job.id for job in jobs if store.get(job.id)] == [jobs[0].id, jobs[1].id], "the refused one was not kept"
     assert client.zcard(store.keys.owner("alice")) == 2
-    verdicts = [limits.verdict(charge) for charge in charges]  # paid by the submits: not counted again
+    verdicts = [limits.verdict(each.rate_counts or []) for each in submitted]  # the submits' own counts
     assert [(v.allowed, v.remaining) for v in verdicts] == [(True, 1), (True, 0), (False, 0)]
     assert verdicts[2].limit.text == "2 per 1 minute" and 55 < verdicts[2].reset_at - time.time() <= 60
     assert limits.hit("key:alice").remaining == 0 and limits.hit("key:bob").remaining == 1

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from typing import Any
 
-import redis
-from flask import Flask, Response, g, request
+from flask import Flask, request
 from flask.json.provider import DefaultJSONProvider
 from flask_socketio import SocketIO
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -22,19 +20,19 @@ from ..health import HealthCheck
 from ..potpie.client import PotpieClient
 from ..queue import dispatcher, first_steps, make_celery, run_stopper
 from ..service import JobService
-from ..store import make_probe, make_store
+from ..store import StoreUnavailable, make_probe, make_store
 from ..connections import api_timeout, socketio_manager_args, tls_problem
 from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
-from .context import EXTENSION, ApiContext, ConnectionCount
+from .context import EXTENSION, ApiContext, ConnectionCount, request_id
 from .edge import EdgeLimits, RequestLimits
 from .errors import ApiError, error_response, refusal_for
-from .headers import SecurityHeaders, cors_headers, request_id_of
-from .metrics import instrument
-from .ratelimit import init_rate_limits
+from .headers import SecurityHeaders
+from .metrics import ApiMetrics
+from .ratelimit import make_limiter
+from .request_path import RequestPath, RoutedRequest
 from .rooms import IndexedRedisManager
 from .sessions import SessionGuard
-from .submit_path import SubmitPath
 from .websocket import bound_websockets, decline_compression
 
 log = logging.getLogger(__name__)
@@ -58,27 +56,16 @@ def _socket_origins(configured: tuple[str, ...]) -> Any:
     return allow
 
 
-def _install_hooks(app: Flask, settings: Settings) -> None:
-    origins = frozenset(settings.cors_origins)
-
-    @app.before_request
-    def start() -> None:
-        g.started = time.perf_counter()
-        g.request_id = request_id_of(request.headers.get("X-Request-ID", ""))
-
-    @app.after_request
-    def finish(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.get("request_id", "")
-        response.headers.update(cors_headers(request.headers.get("Origin"), origins))
-        return response
+def _install_error_handlers(app: Flask) -> None:
+    """Every error a request can meet answered in the API's JSON shape, with its status."""
 
     @app.errorhandler(ServiceError)
     def service_error(error: ServiceError) -> Any:  # a domain refusal or the HTTP layer's own, with its status
         return error_response(error)
 
-    @app.errorhandler(redis.RedisError)
-    def redis_error(error: redis.RedisError) -> Any:  # any Redis failure a view did not name itself is a 503
-        return error_response(refusal_for(error, g.get("request_id")))
+    @app.errorhandler(StoreUnavailable)
+    def redis_error(error: StoreUnavailable) -> Any:  # Redis away where a view did not name it: a 503
+        return error_response(refusal_for(error, request_id()))
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Any:
@@ -93,7 +80,7 @@ def _install_hooks(app: Flask, settings: Settings) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Any:  # the last line of defence: log it, answer JSON, never a traceback
-        return error_response(refusal_for(error, g.get("request_id")))
+        return error_response(refusal_for(error, request_id()))
 
 
 def preflight(settings: Settings) -> None:
@@ -108,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the API app; the Socket.IO server is `app.extensions["socketio"]`."""
     settings = settings or Settings.from_env()
     app = Flask("potpie_service")
+    app.request_class = RoutedRequest  # notes the URL rule it was routed to, for the request path's route label
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES * 4  # hard stop; /analyze checks 16 KiB itself
     if isinstance(app.json, DefaultJSONProvider):
         app.json.sort_keys = False  # answers keep the order the service builds them in
@@ -117,6 +105,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     potpie = PotpieClient(settings.potpie_base_url, settings.potpie_api_key, settings.request_timeout, attempts=1)
     service = JobService(settings, store, dispatcher(celery, settings), TokenCipher(settings.token_encryption_key),
                          first_steps(celery, settings), run_stopper(celery, settings))
+    count = ConnectionCount()
+    metrics = ApiMetrics(settings, store, count)  # /metrics: the cluster's families and this process's own
+    app.extensions["metrics"] = metrics
+    # Every request of the app takes one path: request id, CORS, timing, metrics, access line (request_path.py).
+    # Installed before Flask-SocketIO wraps the app, so engine.io's /socket.io/ traffic goes around it.
+    app.wsgi_app = RequestPath(app.wsgi_app, metrics, frozenset(settings.cors_origins))  # type: ignore[method-assign]
     manager_url, manager_options = socketio_manager_args(settings)
     manager = IndexedRedisManager(manager_url, channel=store.channel, redis_options=manager_options)
     cors: Any = _socket_origins(settings.cors_origins)
@@ -126,20 +120,16 @@ def create_app(settings: Settings | None = None) -> Flask:
                         cors_allowed_origins=cors, ping_interval=20, ping_timeout=20, logger=False,
                         engineio_logger=False, max_http_buffer_size=settings.socketio_max_message_bytes,
                         async_handlers=False)
-    count = ConnectionCount()
     health = HealthCheck(settings, make_probe(settings), potpie, service.started)
-    app.extensions[EXTENSION] = ApiContext(settings, service, auth, count, socketio, health)
+    app.extensions[EXTENSION] = ApiContext(settings, service, auth, count, socketio, health,
+                                           make_limiter(settings, store))
     app.register_blueprint(routes.bp)
     sockets.register(socketio, service, auth, count)
     app.register_blueprint(jobs_routes.bp)
-    _install_hooks(app, settings)
-    metrics = instrument(app, settings, store, count)  # /metrics data, request latency, access log
+    _install_error_handlers(app)
     SessionGuard(socketio.server, settings, metrics.refused)  # sockets must authenticate, behave, or go
     bound_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused)
     metrics.count_sessions(lambda: len(socketio.server.eio.sockets))
-    limiter = init_rate_limits(app, settings, auth, store)
-    app.wsgi_app = SubmitPath(app.wsgi_app, service, auth, limiter, metrics,  # type: ignore[method-assign]
-                              app.json, frozenset(settings.cors_origins))
     edge = EdgeLimits.of(settings, body_max_bytes=app.config["MAX_CONTENT_LENGTH"])
     app.wsgi_app = RequestLimits(app.wsgi_app, edge, metrics)  # type: ignore[method-assign]
     app.wsgi_app = SecurityHeaders(app.wsgi_app)  # type: ignore[method-assign]

@@ -16,6 +16,8 @@ from ..core.errors import ValidationError
 from ..core.submission import MAX_BODY_BYTES
 from ..health import HealthCheck
 from ..service import JobService
+from ..store.ratelimit import RateLimiter
+from .request_path import REQUEST_ID
 from .errors import PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
 EXTENSION = "potpie"
@@ -44,11 +46,18 @@ class ApiContext:
     sockets: ConnectionCount
     socketio: SocketIO
     health: HealthCheck
+    limiter: RateLimiter | None  # RATE_LIMIT's (api/ratelimit.py); None when off
 
 
 def context() -> ApiContext:
     """The running app's context."""
     found: ApiContext = current_app.extensions[EXTENSION]
+    return found
+
+
+def request_id() -> str:
+    """This request's id (api/request_path.py gives every request one)."""
+    found: str = request.environ.get(REQUEST_ID, "")
     return found
 
 

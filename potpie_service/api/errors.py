@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis
 from flask import Response, jsonify
 
 from ..core.errors import Conflict, NotFound, RateLimited, ServiceError, Unavailable, ValidationError
+from ..store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ def error_body(error: ServiceError) -> dict[str, Any]:
 
 
 def refusal_for(error: Exception, request_id: str | None) -> ServiceError:
-    """What an exception answers with: a refusal as it is; any Redis failure a view did not name, a 503; anything
-    else, the last line of defence, a logged 500 (JSON, never a traceback)."""
+    """What an exception answers with: a refusal as it is; Redis unavailable (the store's StoreUnavailable) where a
+    view did not name it, a 503; anything else, the last line of defence, a logged 500 (JSON, never a traceback)."""
     if isinstance(error, ServiceError):
         return error
-    if isinstance(error, redis.RedisError):
-        log.error("Redis unavailable: %s", type(error).__name__, extra={"request_id": request_id})
+    if isinstance(error, StoreUnavailable):
+        log.error("Redis unavailable: %s", error.reason, extra={"request_id": request_id})
         return Unavailable("Redis connection failed")
     log.error("unhandled error", exc_info=error, extra={"request_id": request_id})
     internal = ApiError("Internal server error", request_id=request_id)

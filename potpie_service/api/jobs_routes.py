@@ -9,7 +9,9 @@ from flask import Blueprint, jsonify, request, send_from_directory
 
 from ..core import submission
 from ..core.errors import ValidationError
+from .answers import accepted, cancelled
 from .context import context, json_body, require_owner
+from .ratelimit import charge, paid, rate_limited
 
 STATIC = str(Path(__file__).resolve().parent.parent / "static")
 bp = Blueprint("jobs", __name__, static_folder=STATIC, static_url_path="/static")
@@ -25,10 +27,11 @@ def list_jobs() -> Any:
 @bp.delete("/jobs/<job_id>")
 def cancel(job_id: str) -> Any:
     owner = require_owner()
-    return jsonify(context().service.cancel(owner, submission.check_job_id(job_id)))
+    return jsonify(cancelled(context().service.cancel(owner, submission.check_job_id(job_id))))
 
 
 @bp.post("/jobs/<job_id>/retry")
+@rate_limited
 def retry(job_id: str) -> Any:
     owner = require_owner()
     token = None
@@ -37,7 +40,9 @@ def retry(job_id: str) -> Any:
         if not isinstance(body, dict) or set(body) - {"github_token"}:
             raise ValidationError("the body may only hold github_token", field="body")
         token = submission.analyze_request({"repo": "a/b", "github_token": body.get("github_token")}).github_token
-    status, reply = context().service.retry(owner, submission.check_job_id(job_id), token)
+    done = context().service.retry(owner, submission.check_job_id(job_id), token, charge=charge())
+    paid(done.rate_counts)
+    reply, status = accepted(done)
     return jsonify(reply), status
 
 

@@ -8,18 +8,16 @@ import logging
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-import redis
-from flask import Flask, Response, g, request
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.process_collector import ProcessCollector
 
-from .. import logs
 from ..config import Settings
 from ..core.metrics import FAMILIES, HTTP_BUCKETS, KNOWN_CLASSES
 from ..store.jobs import JobStore
+from ..store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 ACCESS = logging.getLogger("potpie_service.access")
@@ -82,7 +80,7 @@ class ClusterCollector:
         up = GaugeMetricFamily("potpie_metrics_redis_up", "Whether this scrape could read Redis (1) or not (0).")
         try:
             snap = self.store.snapshot(self.worker_max_age)
-        except redis.RedisError as exc:
+        except StoreUnavailable as exc:
             log.warning("metrics scrape: Redis unavailable (%s)", type(exc).__name__)
             up.add_metric([], 0)
             return [up]
@@ -162,28 +160,3 @@ class ApiMetrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
-
-
-def instrument(app: Flask, settings: Settings, store: JobStore, sockets: Any) -> ApiMetrics:
-    """Attach the metrics to the app; time every request, log its access line (as ACCESS_LOG says), tag its logs."""
-    metrics = ApiMetrics(settings, store, sockets)
-    app.extensions["metrics"] = metrics
-
-    @app.before_request
-    def bind() -> None:
-        g.metrics_started = time.perf_counter()
-        logs.request_id.set(g.get("request_id"))
-
-    @app.after_request
-    def record(response: Response) -> Response:
-        started = g.get("started") or g.get("metrics_started") or time.perf_counter()
-        seconds = time.perf_counter() - started
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.finished(request.method, route, request.path, response.status_code, seconds, g.get("request_id"))
-        return response
-
-    @app.teardown_request
-    def unbind(_error: BaseException | None) -> None:
-        logs.request_id.set(None)
-
-    return metrics

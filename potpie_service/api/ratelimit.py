@@ -1,48 +1,44 @@
 """Rate limits on job creation: per API key (per client IP without a valid one), counted by the store's
 RateLimiter so they hold across every API process; 429 with Retry-After and the X-RateLimit headers.
 
-A request is counted before its view runs, except an authenticated `POST /analyze`: the submit script counts it in
-the same Redis call that stores the job (one round trip, not two), and refuses it there over the limit (nothing is
-stored). One refused before it gets that far (a 400, Redis away) is counted once its answer is ready."""
+`@rate_limited` is the policy of the two routes that create work (POST /analyze, POST /jobs/<id>/retry). A caller
+with a valid key is counted by the submit script itself, in the same Redis call that stores the job (one round
+trip, not two), which refuses over the limit with nothing stored; one refused before that (a 400, Redis away) is
+counted once its answer is ready (and answered 429 when that puts it over), and one without a valid key is counted
+before anything runs, so guessing keys is limited too."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
-from flask import Flask, Response, g, request
+from flask import Response, current_app, g, request
 
 from ..auth import Authenticator
 from ..config import Settings
-from ..core.errors import RateLimited
+from ..core.errors import RateLimited, ServiceError
 from ..store.jobs import JobStore
 from ..store.ratelimit import Charge, RateLimiter, Verdict
-from .context import caller_owner
+from .context import caller_owner, context
 from .errors import TooManyRequests, error_response
 
 log = logging.getLogger(__name__)
 
-# Endpoints that create work: new jobs and retries.
-LIMITED_ENDPOINTS = frozenset({"api.analyze", "jobs.retry"})
-# Those whose authenticated requests the submit script counts (`rate_charge`).
-COUNTED_BY_SUBMIT = frozenset({"api.analyze"})
+
+def make_limiter(settings: Settings, store: JobStore) -> RateLimiter | None:
+    """RATE_LIMIT's limiter (None when RATE_LIMIT=off)."""
+    if not settings.rate_limit:
+        log.warning("RATE_LIMIT=off: job creation is not rate limited")
+        return None
+    return store.rate_limiter(settings.rate_limit)
 
 
 def identity(auth: Authenticator, owner: str | None, remote_addr: str | None) -> str:
     """The bucket a request counts against: its key's owner, else its IP (also when auth is disabled)."""
     return f"key:{owner}" if owner and not auth.disabled else f"ip:{remote_addr or 'unknown'}"
-
-
-def client_identity(auth: Authenticator) -> str:
-    """This request's bucket (see `identity`)."""
-    return identity(auth, None if auth.disabled else caller_owner(), request.remote_addr)
-
-
-def counted_by_submit(auth: Authenticator, bucket: str) -> bool:
-    """Whether the submit script counts this `POST /analyze` (its caller known), not the request hooks."""
-    return auth.disabled or bucket.startswith("key:")
 
 
 def refusal(verdict: Verdict) -> TooManyRequests:
@@ -60,41 +56,52 @@ def limit_headers(verdict: Verdict) -> dict[str, str]:
     return headers
 
 
-def rate_charge() -> Charge | None:
-    """This request's rate-limit charge, for the submit script to count unless it is counted already (None:
-    RATE_LIMIT=off)."""
-    charge: Charge | None = g.get("rate_charge")
-    return charge
+def charge() -> Charge | None:
+    """This request's rate-limit charge, for the submit script to count (None: RATE_LIMIT=off, or a route that is
+    not limited)."""
+    found: Charge | None = g.get("rate_charge")
+    return found
 
 
-def init_rate_limits(app: Flask, settings: Settings, auth: Authenticator, store: JobStore) -> RateLimiter | None:
-    """Apply RATE_LIMIT to the job-creating endpoints (None when RATE_LIMIT=off)."""
-    if not settings.rate_limit:
-        log.warning("RATE_LIMIT=off: job creation is not rate limited")
-        return None
-    limiter = store.rate_limiter(settings.rate_limit)
+def paid(counts: list[int] | None) -> None:
+    """What the submit script counted for this request (`Submission.rate_counts`), for the answer's headers."""
+    g.rate_counts = counts
 
-    @app.before_request
-    def count() -> Any:
-        if request.endpoint not in LIMITED_ENDPOINTS or request.method == "OPTIONS":
-            return None
-        bucket = client_identity(auth)
-        g.rate_charge = charge = limiter.charge(bucket)
-        if request.endpoint in COUNTED_BY_SUBMIT and counted_by_submit(auth, bucket):
-            return None  # counted by the submit script, or by `headers` below if the request never gets there
-        # a request without a valid key is counted (and refused) at once: guessing keys is limited too
-        verdict = limiter.verdict(charge)
-        return None if verdict.allowed else error_response(refusal(verdict))
 
-    @app.errorhandler(RateLimited)
-    def limited(_error: RateLimited) -> Any:  # the submit script found the caller over a limit
-        return error_response(refusal(limiter.verdict(g.rate_charge)))
+def rate_limited(view: Callable[..., Any]) -> Callable[..., Any]:
+    """The route creates work: count its requests against RATE_LIMIT, and answer with the X-RateLimit headers."""
 
-    @app.after_request
-    def headers(response: Response) -> Response:
-        charge: Charge | None = g.get("rate_charge")
-        if charge is not None:  # counts it now if it was refused before the submit script
-            response.headers.update(limit_headers(limiter.verdict(charge)))
-        return response
+    @functools.wraps(view)
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        limiter = context().limiter
+        if limiter is None:
+            return view(*args, **kwargs)
+        auth, owner = context().auth, caller_owner()
+        g.rate_charge = this = limiter.charge(identity(auth, owner, request.remote_addr))
+        counts: list[int] | None = None
+        if owner is None and not auth.disabled:  # no valid key: counted (and refused) before anything runs
+            counts = limiter.pay(this)
+            if not limiter.verdict(counts).allowed:
+                return _headed(error_response(refusal(limiter.verdict(counts))), limiter.verdict(counts))
+        try:
+            response = current_app.make_response(view(*args, **kwargs))
+            counts = g.get("rate_counts", counts)
+        except RateLimited as exc:  # the submit script found the caller over a limit: nothing was stored
+            counts = exc.rate_counts or limiter.pay(this)
+            response = current_app.make_response(error_response(refusal(limiter.verdict(counts))))
+        except Exception as exc:  # refused before the submit script counted it (unless it says it did): counted
+            # now, and over the limit the caller hears that first, as from the script; else the app's answer
+            counts = exc.rate_counts if isinstance(exc, ServiceError) and exc.rate_counts else counts
+            counts = counts if counts is not None else limiter.pay(this)
+            verdict = limiter.verdict(counts)
+            answer = current_app.handle_user_exception(exc) if verdict.allowed else error_response(refusal(verdict))
+            response = current_app.make_response(answer)
+        return _headed(response, limiter.verdict(counts if counts is not None else limiter.pay(this)))
 
-    return limiter
+    return limited
+
+
+def _headed(answer: Any, verdict: Verdict) -> Response:
+    response = current_app.make_response(answer)
+    response.headers.update(limit_headers(verdict))
+    return response

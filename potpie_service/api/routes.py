@@ -12,9 +12,10 @@ from ..core import submission
 from ..core.events import now_iso
 from ..health import UNHEALTHY
 from . import openapi
+from .answers import accepted
 from .context import context, json_body, presented_key, require_owner
 from .errors import Unauthorized
-from .ratelimit import rate_charge
+from .ratelimit import charge, paid, rate_limited
 
 bp = Blueprint("api", __name__)
 
@@ -65,11 +66,14 @@ def health() -> Any:
 
 
 @bp.post("/analyze")
+@rate_limited
 def analyze() -> Any:
     owner = require_owner()
     body = submission.analyze_request(json_body())
     key = submission.idempotency_key(request.headers.get("Idempotency-Key"))
-    status, reply = context().service.submit(owner, body, key, charge=rate_charge())
+    done = context().service.submit(owner, body, key, charge=charge())
+    paid(done.rate_counts)
+    reply, status = accepted(done)
     return jsonify(reply), status
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis
 from flask import request
 from flask_socketio import SocketIO, join_room, leave_room
 
@@ -16,6 +15,7 @@ from ..core.job import Job
 from ..core.submission import check_job_id
 from ..service import JobService
 from .context import ConnectionCount
+from ..store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def register(socketio: SocketIO, service: JobService, auth: Authenticator, count
                 events = state_of(service.job(owner, job_id))
             except NotFound:  # expired meanwhile: nothing to tell
                 continue
-            except (ServiceError, redis.RedisError) as exc:  # Redis away again: the relay will ask once more
+            except (ServiceError, StoreUnavailable) as exc:  # Redis away again: the relay will ask once more
                 log.warning("replay after the relay reconnected stopped: %s", type(exc).__name__)
                 return
             for event, payload in events:

@@ -6,7 +6,11 @@ from typing import Any
 
 
 class ServiceError(Exception):
-    """A refusal with a message a person understands and details naming what caused it (e.g. `field`)."""
+    """A refusal with a message a person understands and details naming what caused it (e.g. `field`).
+    `rate_counts`: the rate-limit counters' replies when the refused request was counted already (for the answer's
+    headers; it is not counted again)."""
+
+    rate_counts: list[int] | None = None
 
     def __init__(self, error: str, **details: Any) -> None:
         super().__init__(error)
@@ -33,3 +37,7 @@ class Unavailable(ServiceError):
 
 class RateLimited(ServiceError):
     """The caller is over a rate limit (RATE_LIMIT); nothing was done."""
+
+    def __init__(self, error: str, rate_counts: list[int] | None = None, **details: Any) -> None:
+        super().__init__(error, **details)
+        self.rate_counts = rate_counts

@@ -8,10 +8,10 @@ import logging
 import threading
 import time
 
-import redis
 
 from ..green import Abortable
 from ..store.jobs import JobStore
+from ..store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def listen(store: JobStore, calls: Abortable) -> None:
                         log.info("job cancelled: aborting its Potpie call in flight", extra={"job_id": message["data"]})
             finally:
                 subscription.close()
-        except redis.RedisError as exc:  # Redis is away: listen again once it is back
+        except StoreUnavailable as exc:  # Redis is away: listen again once it is back
             log.warning("cancellation listener lost Redis (%s); subscribing again", type(exc).__name__)
             time.sleep(1.0)
 

@@ -12,7 +12,6 @@ import logging
 import time
 from typing import Callable
 
-import redis
 
 from ..config import Settings
 from ..core import analysis
@@ -23,6 +22,7 @@ from ..github import GitHubClient, GitHubError
 from ..potpie.client import PotpieClient, Trace
 from ..store.jobs import JobStore
 from .outcomes import Advance, JobFailed
+from ..store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -158,5 +158,5 @@ class Parsing:
         """Give up the lead after a failed request, so a waiting job need not wait out the claim."""
         try:
             self.flights.release(key, job_id, time.time())
-        except redis.RedisError:  # Redis away: the claim lapses by itself
+        except StoreUnavailable:  # Redis away: the claim lapses by itself
             pass

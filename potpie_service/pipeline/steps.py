@@ -15,7 +15,6 @@ import time
 import uuid
 from typing import Callable, Protocol
 
-import redis
 
 from .. import green
 from ..config import Settings
@@ -31,6 +30,7 @@ from ..store.leases import LeaseKeeper, lease_ttl
 from .agents import AgentRuns
 from .outcomes import Advance, End, JobFailed
 from .parsing import Parsing
+from ..store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Pipeline:
         except green.Aborted:  # the job was cancelled meanwhile: its end is written and announced already
             log.info("step stopped: the job was cancelled", extra={"job_id": job_id})
             return "cancelled"
-        except redis.RedisError as exc:  # Redis away, failing over, or short of REDIS_MIN_REPLICAS_ACK replicas
+        except StoreUnavailable as exc:  # Redis away, failing over, or short of REDIS_MIN_REPLICAS_ACK replicas
             log.warning("step put off, the sweeper runs it again once its lease lapses: %s", exc,
                         extra={"job_id": job_id, "seq": seq})
             return "redis_unavailable"
@@ -177,7 +177,7 @@ class Pipeline:
             outcome = End(JobStatus.FAILED, {"failed_reason": exc.reason})
         except TransientPotpieError as exc:
             outcome = self._retry_or_fail(job, exc.reason, exc.retry_after)
-        except redis.RedisError:  # not an attempt: nothing may have reached Potpie (run() puts the step off)
+        except StoreUnavailable:  # not an attempt: nothing may have reached Potpie (run() puts the step off)
             raise
         except Exception as exc:  # a bug must not wedge the job: count it as a failed attempt
             log.exception("step %s crashed", step.value, extra={"job_id": job.id})

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 import redis
 
+from .errors import StoreUnavailable
+
 Queue = Callable[[Any], None]  # puts one command on a pipeline
 
 
@@ -50,7 +52,7 @@ class GroupCommit:
                 with self._turn:
                     for waiting in batch:  # a sender killed mid-batch must not leave its followers without a reply
                         if not waiting.done:
-                            waiting.reply = redis.exceptions.ConnectionError("the batch it was in did not complete")
+                            waiting.reply = StoreUnavailable("the batch it was in did not complete", sent=True)
                             waiting.done = True
                     self._sending = False
                     self._turn.notify_all()
@@ -65,7 +67,7 @@ class GroupCommit:
             call.queue(pipe)
         try:
             replies = pipe.execute(raise_on_error=False)
-        except redis.exceptions.RedisError as exc:  # the connection: every command in the batch fails with it
+        except StoreUnavailable as exc:  # the connection: every command in the batch fails with it
             replies = [exc] * len(batch)
         for call, reply in zip(batch, replies):
             call.reply, call.done = reply, True

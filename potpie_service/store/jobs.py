@@ -19,6 +19,7 @@ from ..core.model import JobStatus
 from ..celery_message import StepMessage
 from .batch import GroupCommit
 from .broadcast import Broadcast, broadcast
+from .errors import NotReplicated
 from .flights import Flights
 from .keys import Keys
 from .metrics import MetricsRecorder, MetricsSnapshot, read_snapshot
@@ -29,19 +30,6 @@ from .topology import describe
 
 
 SILENT = Broadcast()  # a change that announces nothing
-
-
-class StoreUnavailable(Exception):
-    """Redis cannot be reached."""
-
-
-class NotReplicated(redis.exceptions.ConnectionError):
-    """Fewer replicas than REDIS_MIN_REPLICAS_ACK confirmed a write within the timeout (a Redis error: callers
-    treat it as Redis being away)."""
-
-    def __init__(self, acked: int, wanted: int, timeout_ms: int) -> None:
-        super().__init__(f"{acked} of {wanted} Redis replica(s) confirmed the write within {timeout_ms} ms")
-        self.acked, self.wanted, self.timeout_ms = acked, wanted, timeout_ms
 
 
 @dataclass(frozen=True)
@@ -61,6 +49,7 @@ class Submitted:
     job_id: str
     queue_position: int | None = None
     admitted: tuple[str, ...] = ()
+    rate_counts: list[int] | None = None  # the rate-limit counts the script paid (count, ms left, per limit)
 
 
 @dataclass(frozen=True)
@@ -126,8 +115,8 @@ class JobStore:
 
     def submit(self, job: Job, secret: str = "", secret_ttl: int = 86400, dedup: Dedup = Dedup(),
                first_step: StepMessage | None = None, charge: Charge | None = None) -> Submitted:
-        """Store a new job at the back of the line and admit what fits; one round trip. An unpaid rate-limit
-        `charge` is paid first in the same script: over a limit nothing is stored (outcome 'limited'). When the job
+        """Store a new job at the back of the line and admit what fits; one round trip. A rate-limit `charge` is
+        paid first in the same script: over a limit nothing is stored (outcome 'limited'). When the job
         itself is admitted, `first_step` goes onto the Celery queue in the same script (and is not among
         `admitted`, which the caller dispatches). With a Durability, Redis WAITs for the replicas in the same
         pipeline (one connection) and `first_step` is not used: a job is only dispatched once the replicas hold
@@ -137,9 +126,8 @@ class JobStore:
         job_keys = [keys.job(job.id), keys.index("waiting"), keys.index("active"), keys.index("tickets"),
                     keys.owner(job.owner), keys.secret(job.id), keys.idempotency(job.owner, dedup.idempotency_key),
                     keys.dedup(job.owner, dedup.request_key), keys.broker_queue]
-        unpaid = charge if charge is not None and charge.reply is None else None
-        rate_keys = unpaid.keys if unpaid else []
-        rate = dict(rate_windows_ms=unpaid.windows_ms, rate_amounts=unpaid.amounts) if unpaid else {}
+        rate_keys = charge.keys if charge else []
+        rate = dict(rate_windows_ms=charge.windows_ms, rate_amounts=charge.amounts) if charge else {}
         step = first_step if first_step and not self.durability.replicas else StepMessage("", "", "")
         called = time.time()
         deadline_ms = int((called + self.submit_budget_s) * 1000 + self._redis_minus_local_ms) \
@@ -159,15 +147,14 @@ class JobStore:
         # Redis' clock against ours, as of this reply (it left Redis before we read it: an underestimate, which
         # only makes the next deadline stricter)
         self._redis_minus_local_ms = float(reply[5]) - time.time() * 1000
-        if unpaid and reply[0] != "late":
-            unpaid.reply = [int(value) for value in reply[4]]  # counted, even if the job is taken back below
+        counts = [int(value) for value in reply[4]] if charge and reply[0] != "late" else None
         if self.durability.replicas and reply[0] == "created" and acked < self.durability.replicas:
             self._scripts.call("withdraw", [job_keys[0], *job_keys[1:3], *job_keys[4:]], prefix=keys.prefix,
                                max=self.max_concurrent, now=time.time(), id=job.id)
-            raise NotReplicated(acked, self.durability.replicas, self.durability.timeout_ms)
+            raise NotReplicated(acked, self.durability.replicas, self.durability.timeout_ms, counts)
         if reply[0] != "created":
-            return Submitted(reply[0], reply[1])
-        return Submitted("created", reply[1], int(reply[2]) + 1, tuple(reply[3]))
+            return Submitted(reply[0], reply[1], rate_counts=counts)
+        return Submitted("created", reply[1], int(reply[2]) + 1, tuple(reply[3]), counts)
 
     def claim(self, job_id: str, seq: int, token: str, ttl_s: float) -> tuple[str, Job | None]:
         """Take the lease on step `seq` of a job: ('ok', job) or (gone|done|stale|busy, None)."""
@@ -361,18 +348,16 @@ class JobStore:
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless Redis answers."""
-        try:
-            self._redis.ping()
-        except redis.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from None
+        self._redis.ping()
 
     def topology(self) -> dict[str, Any]:
         """The Redis node's role and replicas, and the sentinels' view of the master (see topology.py)."""
         return describe(self._redis)
 
-    def cancellations(self) -> redis.client.PubSub:
-        """A subscription to the ids of jobs as they are cancelled (published by `finish`)."""
-        pubsub: redis.client.PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
+    def cancellations(self) -> Any:
+        """A subscription to the ids of jobs as they are cancelled (published by `finish`); its reads fail with
+        StoreUnavailable when Redis cannot be had."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(self.keys.cancelled_channel)
         return pubsub
 

@@ -12,10 +12,10 @@ import os
 import threading
 import time
 
-import redis
 
 from ..config import Settings
 from .jobs import JobStore
+from .errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -58,5 +58,5 @@ class LeaseKeeper:
                 continue
             try:  # every lease in one round trip: a green worker holds hundreds
                 self.store.renew(held, self.ttl)
-            except redis.RedisError as exc:  # Redis is away; the leases may lapse and the steps be redone
+            except StoreUnavailable as exc:  # Redis is away; the leases may lapse and the steps be redone
                 log.warning("could not renew %d step leases: %s", len(held), type(exc).__name__)

@@ -14,6 +14,7 @@ import redis
 from ..core.job import Change
 from ..core.metrics import FAMILIES, bucket, failure_class
 from ..core.model import JobStatus
+from .errors import StoreUnavailable
 from .keys import Keys
 from .scripts import Scripts
 
@@ -106,7 +107,8 @@ class MetricsRecorder:
             pipe.hincrbyfloat(self.key, field, total)
         try:
             pipe.execute()
-        except redis.RedisError as exc:  # metrics must never break a job; the store's own calls report Redis
+        except (StoreUnavailable, redis.RedisError) as exc:  # metrics must never break a job; the store's own
+            # calls report Redis
             log.warning("metrics not recorded: Redis unavailable (%s)", type(exc).__name__)
 
 

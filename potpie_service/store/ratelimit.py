@@ -13,6 +13,7 @@ import redis
 
 from ..config import RateLimit
 from .keys import Keys
+from .errors import StoreUnavailable
 from .scripts import Lua
 
 log = logging.getLogger(__name__)
@@ -28,16 +29,15 @@ class Verdict:
     reset_at: float  # epoch seconds when that limit's window ends
 
 
-@dataclass
+@dataclass(frozen=True)
 class Charge:
     """One request's hit on each of its identity's counters, paid once: by the submit script when the request
-    reaches it (no round trip of its own), else by `RateLimiter.pay`. `reply` holds, per limit, the count and
-    the ms left in its window once it is paid."""
+    reaches it (no round trip of its own), else by `RateLimiter.pay`. Paying it gives its counts: per limit, the
+    count and the ms left in its window."""
 
     keys: list[str]
     windows_ms: list[int]
     amounts: list[int]
-    reply: list[int] | None = None
 
 
 class RateLimiter:
@@ -53,26 +53,24 @@ class RateLimiter:
 
     def hit(self, identity: str) -> Verdict:
         """Count one request of `identity`; whether it is allowed, and by which limit it is measured."""
-        return self.verdict(self.charge(identity))
+        charge = self.charge(identity)
+        return self.verdict(self.pay(charge))
 
     def charge(self, identity: str) -> Charge:
         """What one request of `identity` will count (nothing is counted yet)."""
         return Charge([self.keys.rate(identity, limit.amount, limit.seconds) for limit in self.limits],
                       [limit.seconds * 1000 for limit in self.limits], [limit.amount for limit in self.limits])
 
-    def pay(self, charge: Charge) -> None:
-        """Count an unpaid charge now, in Redis (per process while Redis is away)."""
-        if charge.reply is not None:
-            return
+    def pay(self, charge: Charge) -> list[int]:
+        """Count a charge now, in Redis (per process while Redis is away); its counts."""
         try:
-            charge.reply = [int(value) for value in self._hit(charge.keys, windows_ms=charge.windows_ms)]
-        except redis.RedisError:
-            charge.reply = self._hit_locally(charge.keys, charge.windows_ms, time.time())
+            return [int(value) for value in self._hit(charge.keys, windows_ms=charge.windows_ms)]
+        except StoreUnavailable:
+            return self._hit_locally(charge.keys, charge.windows_ms, time.time())
 
-    def verdict(self, charge: Charge) -> Verdict:
-        """Whether the charge is allowed (paying it now if nothing has), and by which limit it is measured."""
-        self.pay(charge)
-        now, reply = time.time(), charge.reply or []
+    def verdict(self, counts: list[int]) -> Verdict:
+        """Whether a paid charge's `counts` are within every limit, and by which limit it is measured."""
+        now, reply = time.time(), counts
         verdicts = []
         for limit, count, left_ms in zip(self.limits, reply[::2], reply[1::2]):
             verdicts.append(Verdict(count <= limit.amount, limit, max(0, limit.amount - count), now + left_ms / 1000))
