@@ -296,15 +296,23 @@ class Service:
             os.kill(self.proc.pid, sig)
 
     def stop(self, timeout: float = 20.0) -> int | None:
+        self.terminate()
+        return self.stopped(timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM, without waiting: several services stop side by side (see stopped)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stopped(self, timeout: float = 20.0) -> int | None:
+        """The exit code once the process has ended after terminate, killed if it takes longer than timeout."""
         if not self.proc:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
         code = self.proc.returncode
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # pool children left behind, if any

@@ -15,8 +15,15 @@ import redis
 from potpie_service.core.job import Job
 from potpie_service.celery_message import StepMessage
 from potpie_service.store.batch import GroupCommit
+from potpie_service.store.client import StoreRedis
+from potpie_service.store.errors import StoreUnavailable
 from potpie_service.store.jobs import JobStore
 from tests.stack import RedisServer, wait_for
+
+
+def _store_client(server: RedisServer) -> StoreRedis:
+    """The kind of client the store gives GroupCommit: Redis being away is its StoreUnavailable."""
+    return StoreRedis.from_url(server.url, decode_responses=True, socket_timeout=5)
 
 
 def _in_flight(group: GroupCommit, client: redis.Redis, seconds: float) -> tuple[threading.Thread, list[Any]]:
@@ -57,7 +64,7 @@ def test_calls_made_while_a_batch_is_on_the_wire_go_together_in_the_next_one(red
 def test_a_command_redis_refuses_fails_alone_and_a_lost_connection_fails_the_batch() -> None:
     server = RedisServer().start()
     try:
-        client = server.client()
+        client = _store_client(server)
         client.set("text", "not a hash")
         group = GroupCommit(client)
         first, _ = _in_flight(group, client, 0.3)
@@ -74,7 +81,7 @@ def test_a_command_redis_refuses_fails_alone_and_a_lost_connection_fails_the_bat
         with ThreadPoolExecutor(4) as pool:
             calls = [pool.submit(group.run, lambda pipe: pipe.execute_command("INCR", "n")) for _ in range(4)]
             for call in calls:
-                with pytest.raises(redis.ConnectionError):
+                with pytest.raises(StoreUnavailable):
                     call.result(10)
         assert time.monotonic() - started < 5, "Redis away: every caller fails fast, none hangs"
     finally:
@@ -82,7 +89,7 @@ def test_a_command_redis_refuses_fails_alone_and_a_lost_connection_fails_the_bat
 
 
 def test_a_sender_that_dies_mid_batch_leaves_no_follower_without_an_answer(redis_server: RedisServer) -> None:
-    client = redis_server.client()
+    client = _store_client(redis_server)
     group = GroupCommit(client)
 
     class Killed(BaseException):
@@ -107,7 +114,7 @@ def test_a_sender_that_dies_mid_batch_leaves_no_follower_without_an_answer(redis
                 outcomes.append(call.result(5))
             except Killed:
                 outcomes.append("killed")
-            except redis.ConnectionError as exc:
+            except StoreUnavailable as exc:
                 outcomes.append(str(exc))
     first.join()
     assert sorted(map(str, outcomes)) == sorted(["killed"] + ["the batch it was in did not complete"] * 2)

@@ -51,9 +51,10 @@ class Deployment:
         return job_id, response.headers["X-Request-ID"]
 
     def stop(self) -> None:
-        self.api.stop()
-        for worker in self.workers:
-            worker.stop()
+        for service in (self.api, *self.workers):
+            service.terminate()
+        for service in (self.api, *self.workers):
+            service.stopped()
 
 
 def _deploy(redis_server: RedisServer, simulator, name: str, worker: bool, **overrides: str) -> Deployment:
