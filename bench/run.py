@@ -22,7 +22,8 @@ from .common import ROOT, Report, Row, environment, fmt, loadavg
 PREFORK = ["--pool", "prefork", "--concurrency", "4"]
 BENCHMARKS = [("p1_submit", []), ("p2_events", []), ("p3_overhead", []), ("p3_overhead", PREFORK),
               ("p4_waiting", []), ("p4_waiting", ["--latency-ms", "100", "--poll", "2"]),
-              ("p6_slow_agents", ["--name", "P6"]), ("p7_potpie_calls", []), ("p5_fanout", []), ("p5_peer", [])]
+              ("p6_slow_agents", ["--name", "P6"]), ("p7_potpie_calls", []), ("p8_waiting_tax", []), ("p5_fanout", []),
+              ("p5_peer", [])]
 PEER = "P5 peer"  # the report whose rows compare the API (ours) with a Node socket.io 4 server (baseline)
 LIMIT_S = 240  # each benchmark is meant to take <= 2 minutes; this only stops one that hangs
 
