@@ -84,21 +84,26 @@ def test_parse_progress_is_estimated_while_potpie_says_nothing_and_never_moves_b
     assert analysis.parse_progress("a-status-potpie-adds", 10, 30, 60.0)[1] is True
 
 
-def test_polls_start_soon_and_back_off_to_the_interval() -> None:
-    def schedule(expected: float | None, interval: float = 5.0, until: float = 60.0) -> list[float]:
+def test_polls_start_soon_and_space_out_with_the_parse_age_to_the_interval_grid() -> None:
+    def schedule(interval: float = 5.0, until: float = 120.0) -> list[float]:
         polls, elapsed = [], 0.0
         while elapsed < until:
-            elapsed += analysis.poll_delay(elapsed, interval, expected)
+            elapsed += analysis.poll_delay(elapsed, interval)
             polls.append(round(elapsed, 3))
         return polls
 
-    # recent parses were quick: the first polls come soon, then back off to the interval's grid from the start
-    assert schedule(0.5) == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0,
-                             55.0, 60.0]
-    assert schedule(20.0)[:5] == [2.0, 4.0, 5.0, 10.0, 15.0]  # a tenth of the expected time first
-    # none known (or long ones): polled when a fixed interval would poll, with no early polls in a burst
-    assert schedule(None) == schedule(600.0) == [5.0 * n for n in range(1, 13)]
-    assert analysis.poll_delay(0, 0.1, 0.5) == 0.1
+    polls = schedule()
+    assert polls[:3] == [0.25, 0.75, 1.25], "a quick parse is seen at once"
+    gaps = [later - earlier for earlier, later in zip(polls, polls[1:])]
+    # a parse that ends just after a poll waits at most the next gap: <= 0.5 s, or 7% of its age
+    for at, gap in zip(polls, gaps):
+        assert gap <= max(0.5, 0.07 * at) + 1e-3 or at >= 5.0 / 0.07, (at, gap)  # polls are rounded to ms
+    # the gap reaches the interval at 71 s; from there polls keep to the interval's grid from the parse's start
+    assert [p for p in polls if p > 75] == [80.0, 85.0, 90.0, 95.0, 100.0, 105.0, 110.0, 115.0, 120.0]
+    first_minute = len([p for p in polls if p <= 60])
+    assert first_minute == 46, f"{first_minute} polls in the first minute"  # a fixed 5 s interval: 12
+    assert analysis.poll_delay(0, 0.1) == 0.1, "an interval shorter than the first poll is kept"
+    assert analysis.poll_delay(3.0, 0.1) == pytest.approx(0.1)  # on the grid
 
 
 def test_jobs_share_a_parse_when_potpie_would_find_the_same_project() -> None:

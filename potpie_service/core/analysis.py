@@ -9,8 +9,8 @@ from enum import Enum
 from typing import Any
 
 from .job import Job
-from .model import (DEFAULT_PARSE_SECONDS, FIRST_POLL_S, PARSE_ERROR, PARSE_PROGRESS, PARSE_READY, JobStatus,
-                    Stage)
+from .model import (DEFAULT_PARSE_SECONDS, FIRST_POLL_S, MIN_POLL_GAP_S, PARSE_ERROR, PARSE_PROGRESS, PARSE_READY,
+                    POLL_SHARE, JobStatus, Stage)
 
 DEFAULT_QUESTION = "Explain the repository architecture."
 
@@ -65,15 +65,19 @@ def parse_identity(job: Job) -> str:
     return f"{job.repo}@{job.commit_id}" if job.commit_id else f"{job.repo}@branch:{job.branch}"
 
 
-def poll_delay(elapsed: float, interval: float, expected: float | None = None) -> float:
-    """Seconds until the next poll of a parse `elapsed` seconds old that should take about `expected` seconds (the
-    mean of recent parses; DEFAULT_PARSE_SECONDS before any). The first poll comes after a tenth of that (0.25 s
-    at the least: a quick parse is seen at once), the next ones back off (x2), then keep to the POTPIE_POLL_INTERVAL
-    grid from the parse's start (5, 10, 15 s...): a long parse is polled when a fixed interval would poll it, and a
-    burst of long parses costs no early polls."""
-    first = min(interval, max(FIRST_POLL_S, (expected or DEFAULT_PARSE_SECONDS) / 10))
+def poll_delay(elapsed: float, interval: float) -> float:
+    """Seconds until the next poll of a parse `elapsed` seconds old. The first comes at FIRST_POLL_S; the next ones
+    are MIN_POLL_GAP_S apart, then POLL_SHARE of the parse's age apart, so a job waits for its next poll at most 7%
+    of the time Potpie took (plus a fixed half second); once that gap reaches POTPIE_POLL_INTERVAL (at 71 s for 5 s)
+    they keep to the interval's grid from the parse's start, as a fixed interval would: a long parse costs Potpie
+    the same polls a minute as before, and its first minute ~46 instead of 12."""
+    if elapsed < FIRST_POLL_S:
+        return min(FIRST_POLL_S - elapsed, interval) or FIRST_POLL_S
+    gap = max(MIN_POLL_GAP_S, POLL_SHARE * elapsed)
+    if gap < interval:
+        return gap
     grid = (math.floor(elapsed / interval + 1e-9) + 1) * interval - elapsed  # to the next multiple of interval
-    return max(min(FIRST_POLL_S, interval), min(max(first, elapsed), grid))
+    return grid if grid >= min(MIN_POLL_GAP_S, interval) else grid + interval
 
 
 ESTIMATE_STEP = 4  # an estimate moves in steps: no news (a commit, an event) for every poll's fraction of a point

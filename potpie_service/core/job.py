@@ -43,7 +43,6 @@ class Job:
     parse_status: str = ""
     parse_started_at: float = 0.0
     parse_requested: bool = False  # a parse request was sent: a resumed job looks the project up first
-    parse_expected: float = 0.0  # how long its parse should take (the mean of recent parses; 0: none known)
     parsed_at: str = ""
     commit_id: str = ""  # the commit analysed: the request's, or the branch head read from GitHub
     commit_source: str = ""  # request | github | none (could not pin; commit_note says why); "": not decided yet
@@ -121,7 +120,6 @@ class JobUpdate(TypedDict, total=False):
     parse_status: str
     parse_started_at: float
     parse_requested: bool
-    parse_expected: float
     parsed_at: str
     commit_id: str
     commit_source: str

@@ -79,4 +79,6 @@ PARSE_ERROR = "error"
 # Potpie's server says only `submitted` until `ready`: progress is then estimated from the time spent against the
 # mean duration of recent parses, or this many seconds before any parse has finished.
 DEFAULT_PARSE_SECONDS = 60.0
-FIRST_POLL_S = 0.25  # the first poll after a parse request; the next ones back off towards POTPIE_POLL_INTERVAL
+FIRST_POLL_S = 0.25  # the first poll after a parse request (a quick parse is seen at once)
+MIN_POLL_GAP_S = 0.5  # the polls after it come at least this far apart...
+POLL_SHARE = 0.07  # ...and at most this share of the parse's age apart, until that reaches POTPIE_POLL_INTERVAL

@@ -46,7 +46,6 @@ class Parsing:
         working = {**working, **self._pin_commit(job)}
         key, now = self.flights.key(analysis.parse_identity(job)), time.time()
         joined = self.flights.join(key, job.id, now, claim_s=self.settings.step_lease, ttl_s=self.ttl_s)
-        working = {**working, "parse_expected": joined.expected_s or 0.0}
         if joined.role == "follow":
             started: JobUpdate = {"potpie_project_id": joined.project_id, "parse_started_at": joined.started_at or now}
             return self._outcome(job, {**working, **started}, joined.status, joined.expected_s)
@@ -80,7 +79,7 @@ class Parsing:
             self.flights.drop(key, now)  # its jobs share its start, so they give up too; later ones ask again
             raise JobFailed(f"Potpie did not finish parsing within PARSE_TIMEOUT ({self.settings.parse_timeout:g} s); "
                             f"last status: {job.parse_status}")
-        delay = analysis.poll_delay(now - started, self.settings.potpie_poll_interval, job.parse_expected or None)
+        delay = analysis.poll_delay(now - started, self.settings.potpie_poll_interval)
         turn = self.flights.poll_turn(key, now, max_age=delay, claim_s=min(self.settings.request_timeout, 30) + 5)
         status = turn.status
         if turn.action != "cached":
@@ -107,7 +106,7 @@ class Parsing:
         return Advance(JobStatus.PARSING, {**update, "parse_status": status, "progress": progress,
                                            "progress_estimated": estimated,
                                            "message": f"Potpie is parsing the repository (status: {status}{told})"},
-                       wait=analysis.poll_delay(elapsed, self.settings.potpie_poll_interval, expected))
+                       wait=analysis.poll_delay(elapsed, self.settings.potpie_poll_interval))
 
     def _pin_commit(self, job: Job) -> JobUpdate:
         """Decide, once, which commit the job analyses: the request's, the branch head GitHub names (with the
