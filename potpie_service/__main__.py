@@ -22,8 +22,12 @@ def run_api(argv: list[str]) -> int:
     settings = load_settings("api")
     green = settings.socketio_async_mode == "gevent"
     if green:
+        import gevent
         from gevent import monkey
 
+        # gevent records each Greenlet's spawning stack and tree, a debugging aid (~5 KiB a socket while engine.io
+        # spawned three per socket; every HTTP request's greenlet still pays the stack walk): off, as in production
+        gevent.config.track_greenlet_tree = False
         monkey.patch_all()
     from gunicorn.app.base import BaseApplication
 
