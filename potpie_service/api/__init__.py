@@ -28,6 +28,7 @@ from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
 from .context import EXTENSION, ApiContext, ConnectionCount
 from .edge import EdgeLimits, RequestLimits
+from .engineio_pings import PingWheel
 from .errors import ApiError, error_response, refusal_for
 from .headers import SecurityHeaders, cors_headers, request_id_of
 from .metrics import instrument
@@ -135,6 +136,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     _install_hooks(app, settings)
     metrics = instrument(app, settings, store, count)  # /metrics data, request latency, access log
     SessionGuard(socketio.server, settings, metrics.refused)  # sockets must authenticate, behave, or go
+    PingWheel(socketio.server.eio)  # one task sends every session's pings (api/engineio_pings.py)
     bound_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused)
     metrics.count_sessions(lambda: len(socketio.server.eio.sockets))
     limiter = init_rate_limits(app, settings, auth, store)
