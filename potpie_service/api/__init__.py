@@ -137,7 +137,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics = instrument(app, settings, store, count)  # /metrics data, request latency, access log
     SessionGuard(socketio.server, settings, metrics.refused)  # sockets must authenticate, behave, or go
     PingWheel(socketio.server.eio)  # one task sends every session's pings (api/engineio_pings.py)
-    bound_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused)
+    if settings.socketio_async_mode == "gevent":  # a WebSocket is a Link, not greenlets (api/engineio_transport.py)
+        from .engineio_transport import green_websockets
+
+        green_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused,
+                         settings.api_connections)
+    else:
+        bound_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused)
     metrics.count_sessions(lambda: len(socketio.server.eio.sockets))
     limiter = init_rate_limits(app, settings, auth, store)
     app.wsgi_app = SubmitPath(app.wsgi_app, service, auth, limiter, metrics,  # type: ignore[method-assign]
