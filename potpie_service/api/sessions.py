@@ -35,9 +35,10 @@ NO_BODY = io.BytesIO(b"")  # a session's request body: it has none to read (Flas
 
 def lean(environ: dict[str, Any]) -> dict[str, Any]:
     """The environ python-socketio keeps for a session's life (Flask-SocketIO builds each event's request from it):
-    the strings and the shared entries, without the server's per-request objects (gunicorn's body reader, socket,
-    error stream and early-hints callback holding its request and response, engine.io's `Input`, a class made
-    per request), ~10 KiB a socket kept alive for nothing."""
+    the strings and the shared entries, without the server's per-request objects (gunicorn's body reader and parser,
+    socket, error stream and early-hints callback holding its request and response; engine.io's `Input`, a class
+    made per request). Once a WebSocket has left gunicorn (api/engineio_transport.py) nothing else holds them:
+    5.3 KiB a socket (bench/NOTES.md)."""
     kept = {key: value for key, value in environ.items() if isinstance(value, str) or key in SHARED}
     kept["wsgi.input"], kept["wsgi.errors"] = NO_BODY, sys.stderr
     return kept
