@@ -178,6 +178,8 @@ def linked() -> Iterator[tuple[Link, EngineSocket, Client, list[str]]]:
     assert tally.open == 1
     session.test_received = received  # type: ignore[attr-defined]
     yield link, session, Client(theirs), refused
+    link._finish()  # a test that left it open: its watchers and socket go now
+    _run_hub()
     theirs.close()
 
 
