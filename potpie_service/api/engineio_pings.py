@@ -53,7 +53,10 @@ class PingWheel:
             now = time.monotonic()
             sent = 0
             while self.due and self.due[0][0] <= now:
-                _, sid = self.due.popleft()
+                try:
+                    _, sid = self.due.popleft()
+                except IndexError:  # threading mode: two first sessions at once may have started two of these
+                    break
                 try:
                     send_ping(self.eio.sockets.get(sid))
                 except Exception:  # a background task's edge: log it with the traceback and keep pinging the rest
