@@ -11,6 +11,7 @@ not the session. tests/test_engineio_pings.py checks that this does what `_send_
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -36,6 +37,7 @@ class PingWheel:
         self.eio = eio
         self.due: deque[tuple[float, str]] = deque()
         self.task: Any = None
+        self.starting = threading.Lock()
         self.start_task = eio.start_background_task
         eio.start_background_task = self.start
 
@@ -45,7 +47,9 @@ class PingWheel:
             return self.start_task(target, *args, **kwargs)
         self.due.append((time.monotonic() + self.eio.ping_interval, target.__self__.sid))
         if self.task is None:  # started with the first session, in the serving process (not before a fork)
-            self.task = self.start_task(self._run)
+            with self.starting:  # threading mode: two first sessions at once start one task
+                if self.task is None:
+                    self.task = self.start_task(self._run)
         return None
 
     def _run(self) -> None:
@@ -53,10 +57,7 @@ class PingWheel:
             now = time.monotonic()
             sent = 0
             while self.due and self.due[0][0] <= now:
-                try:
-                    _, sid = self.due.popleft()
-                except IndexError:  # threading mode: two first sessions at once may have started two of these
-                    break
+                _, sid = self.due.popleft()
                 try:
                     send_ping(self.eio.sockets.get(sid))
                 except Exception:  # a background task's edge: log it with the traceback and keep pinging the rest
