@@ -36,7 +36,7 @@ def run_api(argv: list[str]) -> int:
     preflight(settings)
     threads = args.threads or settings.api_threads
     connections = settings.api_connections if green else 2 * threads
-    _allow_open_files(connections)
+    _allow_open_files(2 * connections if green else connections)  # gevent: as many WebSockets again, out of the pool
     app = create_app(settings)
     worker = {"worker_class": "potpie_service.api.green_server.JsonErrorGeventWorker"} if green else {
         "worker_class": "potpie_service.api.server.JsonErrorWorker", "threads": threads}
@@ -73,8 +73,8 @@ def _allow_open_files(connections: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     if target < wanted:
         logging.getLogger("potpie_service").warning(
-            "open files limited to %d (the hard limit): fewer than API_CONNECTIONS=%d clients fit", target,
-            connections)
+            "open files limited to %d (the hard limit): fewer than the %d connections API_CONNECTIONS allows fit",
+            target, connections)
 
 
 def worker_health(argv: list[str]) -> int:
