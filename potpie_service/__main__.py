@@ -22,8 +22,12 @@ def run_api(argv: list[str]) -> int:
     settings = load_settings("api")
     green = settings.socketio_async_mode == "gevent"
     if green:
+        import gevent
         from gevent import monkey
 
+        # gevent records each Greenlet's spawning stack and tree, a debugging aid (~5 KiB a socket while engine.io
+        # spawned three per socket; every HTTP request's greenlet still pays the stack walk): off, as in production
+        gevent.config.track_greenlet_tree = False
         monkey.patch_all()
     from gunicorn.app.base import BaseApplication
 
@@ -32,7 +36,7 @@ def run_api(argv: list[str]) -> int:
     preflight(settings)
     threads = args.threads or settings.api_threads
     connections = settings.api_connections if green else 2 * threads
-    _allow_open_files(connections)
+    _allow_open_files(2 * connections if green else connections)  # gevent: as many WebSockets again, out of the pool
     app = create_app(settings)
     worker = {"worker_class": "potpie_service.api.green_server.JsonErrorGeventWorker"} if green else {
         "worker_class": "potpie_service.api.server.JsonErrorWorker", "threads": threads}
@@ -69,8 +73,8 @@ def _allow_open_files(connections: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     if target < wanted:
         logging.getLogger("potpie_service").warning(
-            "open files limited to %d (the hard limit): fewer than API_CONNECTIONS=%d clients fit", target,
-            connections)
+            "open files limited to %d (the hard limit): fewer than the %d connections API_CONNECTIONS allows fit",
+            target, connections)
 
 
 def worker_health(argv: list[str]) -> int:

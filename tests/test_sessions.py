@@ -14,7 +14,7 @@ import pytest
 import socketio
 from engineio.socket import Socket as EngineSocket
 
-from potpie_service.api.sessions import SessionGuard, well_formed
+from potpie_service.api.sessions import SessionGuard, lean, well_formed
 from potpie_service.config import Settings
 from tests.hostile import ALICE, Process, metric, refusals
 from tests.stack import Service, wait_for
@@ -71,11 +71,11 @@ def test_the_guard_wraps_python_socketios_engineio_handlers_and_closes_a_refused
     server.eio._trigger_event("message", "b", '0{"token":"good"}', run_async=False)
     assert _sent(accepted)[-1].startswith("40") and not accepted.closed and guard.connected("b")
     assert "b" not in guard.pending, "authenticated: no deadline"
-    accepted.schedule_ping()  # as engine.io does after each pong: the task is remembered, to end with the session
-    assert guard.pings["b"].name.endswith("(_send_ping)")
+    server.environ["b"]["werkzeug.request"] = object()  # as Flask-SocketIO's request context leaves it
+    server.eio._trigger_event("message", "b", '2["nothing"]', run_async=False)
+    assert "werkzeug.request" not in server.environ["b"], "the last event's request is not kept"
     server.eio._trigger_event("message", "b", "1", run_async=False)  # it leaves the namespace
     assert accepted.closed and "b" not in server.eio.sockets and refused == ["unauthenticated"]
-    assert guard.pings == {}
 
 
 def test_the_guard_closes_a_session_over_its_event_budget() -> None:
@@ -89,6 +89,17 @@ def test_the_guard_closes_a_session_over_its_event_budget() -> None:
     assert not session.closed
     server.eio._trigger_event("message", "c", '2["nothing"]', run_async=False)
     assert session.closed and refused == ["event_budget"]
+
+
+def test_lean_keeps_the_strings_and_drops_the_servers_per_request_objects() -> None:
+    environ = {"REQUEST_METHOD": "GET", "HTTP_HOST": "x", "REMOTE_ADDR": "192.0.2.1", "wsgi.url_scheme": "http",
+               "wsgi.version": (1, 0), "flask.app": object(), "gunicorn.socket": object(), "wsgi.input": object(),
+               "wsgi.early_hints": print, "eventlet.input": object()}
+    kept = lean(environ)
+    assert {key for key in kept if not key.startswith("wsgi.")} == {"REQUEST_METHOD", "HTTP_HOST", "REMOTE_ADDR",
+                                                                    "flask.app"}
+    assert kept["flask.app"] is environ["flask.app"] and kept["wsgi.input"].read() == b""
+    assert "gunicorn.socket" in environ, "the request's own environ is left as it is"
 
 
 def test_engineio_reports_a_clients_mistake_as_a_warning(caplog: pytest.LogCaptureFixture) -> None:

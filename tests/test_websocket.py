@@ -216,3 +216,20 @@ def test_closed_websocket_sessions_are_removed_at_once(api: Service) -> None:
     wait_for(lambda: metric(api, "potpie_socketio_sessions") == 0, 5, what="every session removed")
     assert time.monotonic() - started < 1
 
+
+
+def test_a_client_starting_with_polling_upgrades_and_is_served_over_the_websocket(api: Service) -> None:
+    """python-socketio's default transports: a polling session, then the probe exchange and the upgrade; events and
+    acks go over the WebSocket, and its session goes when it disconnects."""
+    import socketio
+
+    client = socketio.Client(reconnection=False)
+    client.connect(api.url, auth={"token": ALICE}, wait_timeout=5)  # type: ignore[attr-defined]
+    try:
+        wait_for(lambda: client.transport() == "websocket", 5, what="the upgrade")
+        for _ in range(3):
+            ack = client.call("join_project", "not-a-job", timeout=5)
+            assert ack["ok"] is False and "invalid project_id" in ack["error"]
+    finally:
+        client.disconnect()
+    wait_for(lambda: metric(api, "potpie_socketio_sessions") == 0, 3, what="its session gone")

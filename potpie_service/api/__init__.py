@@ -26,6 +26,7 @@ from ..tokens import TokenCipher
 from . import jobs_routes, routes, sockets
 from .context import EXTENSION, ApiContext, ConnectionCount, request_id
 from .edge import EdgeLimits, RequestLimits
+from .engineio_pings import PingWheel
 from .errors import ApiError, error_response, refusal_for
 from .headers import SecurityHeaders
 from .metrics import ApiMetrics
@@ -128,7 +129,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs_routes.bp)
     _install_error_handlers(app)
     SessionGuard(socketio.server, settings, metrics.refused)  # sockets must authenticate, behave, or go
-    bound_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused)
+    PingWheel(socketio.server.eio)  # one task sends every session's pings (api/engineio_pings.py)
+    if settings.socketio_async_mode == "gevent":  # a WebSocket is a Link, not greenlets (api/engineio_transport.py)
+        from .engineio_transport import green_websockets
+
+        green_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused,
+                         settings.api_connections)
+    else:
+        bound_websockets(socketio.server.eio, settings.socketio_max_message_bytes, metrics.refused)
     metrics.count_sessions(lambda: len(socketio.server.eio.sockets))
     edge = EdgeLimits.of(settings, body_max_bytes=app.config["MAX_CONTENT_LENGTH"])
     app.wsgi_app = RequestLimits(app.wsgi_app, edge, metrics)  # type: ignore[method-assign]

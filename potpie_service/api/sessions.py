@@ -13,18 +13,35 @@ the socket is closed. tests/test_websocket.py checks the handlers this relies on
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 import time
 from typing import Any, Callable
 
-from engineio.socket import Socket as EngineSocket
-from greenlet import getcurrent
 from socketio import packet as sio_packet
 
 from ..config import Settings
 
 log = logging.getLogger(__name__)
 NAMESPACE = "/"
+
+
+# What a session's environ keeps besides strings: shared, immutable, or the app Flask-SocketIO's handlers look up
+SHARED = frozenset(("wsgi.version", "wsgi.multithread", "wsgi.multiprocess", "wsgi.run_once", "wsgi.file_wrapper",
+                    "wsgi.input_terminated", "flask.app"))
+NO_BODY = io.BytesIO(b"")  # a session's request body: it has none to read (Flask builds each event's request on it)
+
+
+def lean(environ: dict[str, Any]) -> dict[str, Any]:
+    """The environ python-socketio keeps for a session's life (Flask-SocketIO builds each event's request from it):
+    the strings and the shared entries, without the server's per-request objects (gunicorn's body reader and parser,
+    socket, error stream and early-hints callback holding its request and response; engine.io's `Input`, a class
+    made per request). Once a WebSocket has left gunicorn (api/engineio_transport.py) nothing else holds them:
+    5.3 KiB a socket (bench/NOTES.md)."""
+    kept = {key: value for key, value in environ.items() if isinstance(value, str) or key in SHARED}
+    kept["wsgi.input"], kept["wsgi.errors"] = NO_BODY, sys.stderr
+    return kept
 
 
 def well_formed(packet_class: Any, data: Any) -> int | None:
@@ -57,9 +74,6 @@ class SessionGuard:
         self.budgets: dict[str, list[float]] = {}  # session -> [events it may still send, when that was counted]
         self.sweeper: Any = None
         self.eio._log_error_once = self._client_mistake
-        self.pings: dict[str, Any] = {}  # session -> the task waiting to send its next ping
-        self.start_task = self.eio.start_background_task
-        self.eio.start_background_task = self._start
         handlers = self.eio.handlers
         self.on_connect, self.on_message, self.on_disconnect = (
             handlers["connect"], handlers["message"], handlers["disconnect"])
@@ -73,7 +87,7 @@ class SessionGuard:
         self.budgets[sid] = [self.burst, now]
         if self.sweeper is None:  # started with the first session, in the serving process (not before a fork)
             self.sweeper = self.eio.start_background_task(self._sweep)
-        return self.on_connect(sid, environ)
+        return self.on_connect(sid, lean(environ))
 
     def message(self, sid: str, data: Any) -> None:
         session = self.eio.sockets.get(sid)
@@ -90,6 +104,9 @@ class SessionGuard:
             self.close(sid, "malformed_packet")
             return
         self.on_message(sid, data)
+        environ = self.server.environ.get(sid)
+        if environ is not None:  # the last event's Flask request (werkzeug keeps it there), kept for nothing
+            environ.pop("werkzeug.request", None)
         if self.connected(sid):
             self.pending.pop(sid, None)
         elif kind == sio_packet.DISCONNECT:
@@ -100,18 +117,7 @@ class SessionGuard:
     def disconnect(self, sid: str, reason: Any = None) -> Any:
         self.pending.pop(sid, None)
         self.budgets.pop(sid, None)
-        ping = self.pings.pop(sid, None)
-        if ping is not None and hasattr(ping, "kill") and ping is not getcurrent():
-            ping.kill(block=False)  # a greenlet holding the closed session until its next ping (20 s)
         return self.on_disconnect(sid, reason)
-
-    def _start(self, target: Any, *args: Any, **kwargs: Any) -> Any:
-        """engine.io's start_background_task, remembering each session's ping task (a thread when not under
-        gevent: that one sleeps its interval out)."""
-        task = self.start_task(target, *args, **kwargs)
-        if getattr(target, "__func__", None) is EngineSocket._send_ping and not target.__self__.closed:
-            self.pings[target.__self__.sid] = task
-        return task
 
     def connected(self, sid: str) -> bool:
         """Whether the session has passed the connect handler (authenticated)."""

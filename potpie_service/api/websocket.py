@@ -1,6 +1,10 @@
 """The WebSocket under Socket.IO (engine.io's simple-websocket transport): no per-message compression, a largest
 message, handshake mistakes answered 4xx, and a closed socket released at once.
 
+It serves SOCKETIO_ASYNC_MODE=threading (and a WebSocket under gevent that gunicorn does not serve); under gunicorn's
+gevent worker api/engineio_transport.py serves the upgrade, with the same limits, its refusals and its CLOSE_WAIT
+taken from here, and no thread or greenlet per socket.
+
 simple-websocket (the WebSocket of Flask-SocketIO's gevent and threading modes) accepts every client's
 permessage-deflate offer, and each accepted offer holds a zlib compressor and decompressor for the life of the
 socket: ~140 KB of the ~170 KB a connection cost (tracemalloc under bench/p5_fanout.py). This service's frames are
