@@ -124,9 +124,16 @@ class Emissions:
     def __init__(self, redis_url: str, queue_name: str) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.lock = threading.Lock()
+        self.lost: BaseException | None = None  # why the subscription ended, when it ended before close()
         self.pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(**{f"psvc-{queue_name}": self._on_message})
-        self.thread = self.pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+        self.thread = self.pubsub.run_in_thread(sleep_time=0.05, daemon=True, exception_handler=self._on_error)
+
+    def _on_error(self, error: BaseException, pubsub: Any, thread: Any) -> None:
+        """The subscription is gone (Redis closed it, e.g. past its pubsub output buffer limit): what is read from
+        now on fails at once, naming why, instead of a wait for events that can no longer arrive."""
+        self.lost = error
+        thread.stop()
 
     def _on_message(self, message: dict[str, Any]) -> None:
         packet = json.loads(message["data"])
@@ -134,8 +141,13 @@ class Emissions:
             with self.lock:
                 self.events.append((packet["event"], packet["data"][0]))
 
+    def _listening(self) -> None:
+        if self.lost is not None:
+            raise Hopeless(f"the test's subscription to the event channel was lost: {self.lost!r}")
+
     def of(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
         """(event name, payload) published for the job, in order."""
+        self._listening()
         with self.lock:
             return [(name, payload) for name, payload in self.events if payload.get("job_id") == job_id]
 
@@ -145,6 +157,7 @@ class Emissions:
 
     def jobs_with(self, event: str) -> Counter[str]:
         """Job id -> number of `event`s published."""
+        self._listening()
         with self.lock:
             return Counter(payload.get("job_id", "") for name, payload in self.events if name == event)
 
@@ -198,6 +211,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Hopeless(AssertionError):
+    """What a predicate raises when waiting longer cannot help: wait_for gives up at once."""
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05,
               what: str = "condition") -> object:
     """Poll until `predicate()` is truthy; raise AssertionError naming `what` on timeout."""
@@ -208,6 +225,8 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: f
             value = predicate()
             if value:
                 return value
+        except Hopeless:
+            raise
         except Exception as exc:  # the thing polled may not be up yet
             last_error = exc
         time.sleep(interval)

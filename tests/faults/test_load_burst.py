@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Iterator
@@ -46,6 +47,7 @@ def _memory(server: RedisServer) -> int:
     return int(info["used_memory"]) - int(info["mem_clients_normal"])
 
 
+@pytest.mark.timeout(420)  # the wait below gives up first, saying where the jobs are
 def test_burst_of_5000_jobs_all_finish_once_and_memory_returns(own_redis, sim_process, stacks, emissions) -> None:
     stack = stacks(own_redis, sim_process, "burst", MAX_CONCURRENT_JOBS="200",
                    POTPIE_POLL_INTERVAL="0.1", STEP_GRACE="30", JOB_TTL_COMPLETED=str(TTL),
@@ -77,7 +79,15 @@ def test_burst_of_5000_jobs_all_finish_once_and_memory_returns(own_redis, sim_pr
         peak = max(peak, _memory(own_redis))
         return len(published.jobs_with("analysis_complete")) + len(published.jobs_with("analysis_error")) >= JOBS
 
-    wait_for(all_done, 300, interval=0.5, what=f"{JOBS} final events")
+    try:
+        wait_for(all_done, 240, interval=0.5, what=f"{JOBS} final events")
+    except AssertionError as exc:  # say where the jobs are, from their records, beside what was published
+        pipe = own_redis.client().pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(stack.key(f"job:{job_id}"), "status")
+        statuses = Counter(pipe.execute())
+        pytest.fail(f"{exc}; final events seen for {len(published.jobs_with('analysis_complete'))} jobs; "
+                    f"the jobs' records say {dict(statuses)}; simulator {simulator_stats(sim_process)['requests']}")
     took = time.monotonic() - started
     published.expect_once("analysis_complete", ids)
     assert not published.jobs_with("analysis_error")
