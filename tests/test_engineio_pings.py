@@ -6,34 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import engineio
 import pytest
 from engineio import packet
 from engineio.socket import Socket as EngineSocket
 
 from potpie_service.api.engineio_pings import PingWheel, send_ping
-
-
-class Written(list):
-    """A session's queue that keeps what engine.io puts in it."""
-
-    def put(self, item: Any) -> None:
-        self.append(item)
-
-    def join(self) -> None:
-        pass
-
-
-def _server() -> engineio.Server:
-    return engineio.Server(async_mode="threading", ping_interval=20, ping_timeout=20, async_handlers=False)
-
-
-def _encoded(items: list[Any]) -> list[Any]:
-    return [item if item is None else item.encode() for item in items]
+from tests.engineio_session import Written, encoded, engineio_server
 
 
 def test_send_ping_does_what_engineios_send_ping_does_after_its_sleep() -> None:
-    server = _server()
+    server = engineio_server()
     slept: list[float] = []
     server._async = {**server._async, "sleep": slept.append}
     theirs, ours = EngineSocket(server, "a"), EngineSocket(server, "b")
@@ -42,7 +24,7 @@ def test_send_ping_does_what_engineios_send_ping_does_after_its_sleep() -> None:
     theirs._send_ping()
     send_ping(ours)
     assert slept == [20], "Socket._send_ping no longer sleeps ping_interval first"
-    assert _encoded(theirs.queue) == _encoded(ours.queue) == ["2"]
+    assert encoded(theirs.queue) == encoded(ours.queue) == ["2"]
     assert theirs.last_ping and ours.last_ping, "Socket._send_ping no longer stamps last_ping"
     for state in ("closing", "closed"):
         theirs, ours = EngineSocket(server, "c"), EngineSocket(server, "d")
@@ -55,7 +37,7 @@ def test_send_ping_does_what_engineios_send_ping_does_after_its_sleep() -> None:
 
 
 def test_engineio_schedules_each_ping_as_a_background_task_of_send_ping_which_the_wheel_takes() -> None:
-    server = _server()
+    server = engineio_server()
     started: list[Any] = []
     server.start_background_task = lambda target, *a, **k: started.append(target)  # type: ignore[method-assign]
     wheel = PingWheel(server)
@@ -73,7 +55,7 @@ def test_engineio_schedules_each_ping_as_a_background_task_of_send_ping_which_th
 
 
 def test_the_wheel_pings_each_session_when_due_and_skips_closed_ones() -> None:
-    server = _server()
+    server = engineio_server()
     server.ping_interval = 0
     wheel = PingWheel(server)
     wheel.start_task = lambda target, *a, **k: None
@@ -94,5 +76,5 @@ def test_the_wheel_pings_each_session_when_due_and_skips_closed_ones() -> None:
     server._async = {**server._async, "sleep": sleep}
     with pytest.raises(Stop):
         wheel._run()
-    assert [_encoded(session.queue) for session in sessions] == [["2"], [], []]
+    assert [encoded(session.queue) for session in sessions] == [["2"], [], []]
     assert not wheel.due

@@ -12,7 +12,6 @@ import os
 import socket
 from typing import Any
 
-import engineio
 import gevent
 import gevent.event
 import gevent.socket
@@ -27,31 +26,14 @@ from wsproto.events import AcceptConnection, Request
 from potpie_service.api.engineio_link import Tally
 from potpie_service.api.engineio_transport import green_websocket, handshake
 from potpie_service.api.websocket import DeclinedDeflate
-
-
-class Written(list):
-    """A session's queue that keeps what engine.io puts in it."""
-
-    def put(self, item: Any) -> None:
-        self.append(item)
-
-    def join(self) -> None:
-        pass
-
-
-def _server() -> engineio.Server:
-    return engineio.Server(async_mode="threading", ping_interval=20, ping_timeout=20, async_handlers=False)
-
-
-def _encoded(items: list[Any]) -> list[Any]:
-    return [item if item is None else item.encode() for item in items]
+from tests.engineio_session import Written, encoded, engineio_server
 
 
 def test_engineios_websocket_handler_sets_what_the_link_sets_and_writes_through_the_queue() -> None:
     """What `Socket._websocket_handler` does that GreenWebSocket does itself: a session connected by WebSocket is
     `connected` and `upgraded`, its packets go out through `queue.put` (a writer task reads them), its close puts
     None, and an upgraded session never polls."""
-    server = _server()
+    server = engineio_server()
     tasks: list[Any] = []
     server.start_background_task = lambda target, *a, **k: tasks.append(target) or _Joined()  # type: ignore
 
@@ -67,13 +49,13 @@ def test_engineios_websocket_handler_sets_what_the_link_sets_and_writes_through_
     assert session._websocket_handler(Gone()) == []
     assert session.connected and session.upgraded, "engine.io's handler no longer marks the session so"
     assert [task.__name__ for task in tasks] == ["writer"]
-    assert session.closed and _encoded(session.queue)[-1] is None
+    assert session.closed and encoded(session.queue)[-1] is None
 
     session = EngineSocket(server, "b")
     session.queue = Written()
     session.send(packet.Packet(packet.MESSAGE, "x"))
     session.close(wait=True)
-    assert _encoded(session.queue) == ["4x", "1", None], "Socket.send/close no longer go through queue.put"
+    assert encoded(session.queue) == ["4x", "1", None], "Socket.send/close no longer go through queue.put"
     assert "self.queue" in inspect.getsource(EngineSocket.poll)
 
     session = EngineSocket(server, "c")
@@ -130,7 +112,7 @@ def test_a_gevent_socket_detaches_its_descriptor_and_gunicorns_close_leaves_it_o
 
 
 def test_green_websocket_refuses_a_bad_handshake_before_writing() -> None:
-    server = _server()
+    server = engineio_server()
     session = EngineSocket(server, "r")
     server.sockets["r"] = session
     counted: list[str] = []
@@ -155,7 +137,7 @@ def test_wsproto_accepts_without_extensions_when_none_are_given() -> None:
 
 
 def test_green_websocket_refuses_an_upgrade_past_api_connections() -> None:
-    server = _server()
+    server = engineio_server()
     session = EngineSocket(server, "f")
     server.sockets["f"] = session
     cls = green_websocket(server._async["websocket"], 64, [].append, Tally(0))

@@ -71,7 +71,7 @@ class Link:
         queue, self.session.queue = self.session.queue, self
         while not queue.empty():
             self.put(queue.get_nowait())
-        self.reader.start(self._readable)
+        self.reader.start(self._in_hub, self._read, "reading")
         self._take_events()  # what wsproto holds already (sent right behind an upgrade's UPGRADE packet)
 
     # --- the session's queue (engine.io calls these) ---
@@ -100,11 +100,13 @@ class Link:
 
     # --- reading (in the hub) ---
 
-    def _readable(self) -> None:
+    def _in_hub(self, step: Callable[[], None], doing: str) -> None:
+        """A watcher's callback: `step` at the hub's edge, where an error is logged with its traceback and the
+        connection goes."""
         try:
-            self._read()
-        except Exception:  # the hub's edge: log it with the traceback; the connection goes
-            log.exception("reading a WebSocket failed")
+            step()
+        except Exception:
+            log.exception("%s a WebSocket failed", doing)
             self._finish()
 
     def _read(self) -> None:
@@ -171,7 +173,7 @@ class Link:
                     self._deliver(data)
                 if self.paused and len(self.inbox) < BACKLOG and not self.done:
                     self.paused = False
-                    self.reader.start(self._readable)
+                    self.reader.start(self._in_hub, self._read, "reading")
         except Exception:  # a greenlet's edge: log it with the traceback; the socket goes
             log.exception("handling a WebSocket message failed")
             self._close_session()
@@ -223,14 +225,7 @@ class Link:
             self.out = bytearray(data[sent:])
             if self.writer is None:
                 self.writer = self.loop.io(self.sock.fileno(), 2)
-            self.writer.start(self._writable)
-
-    def _writable(self) -> None:
-        try:
-            self._flush()
-        except Exception:  # the hub's edge: log it with the traceback; the connection goes
-            log.exception("writing a WebSocket failed")
-            self._finish()
+            self.writer.start(self._in_hub, self._flush, "writing")
 
     def _flush(self) -> None:
         try:
