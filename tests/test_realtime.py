@@ -98,7 +98,8 @@ def test_join_before_the_job_starts_gets_queued_then_everything(narrow_stack: St
     watcher.wait_final(job_id, timeout=40)
     time.sleep(0.3)  # anything after the final event would be a duplicate
     received = [p["seq"] for _, p in watcher.of(job_id)]
-    assert set(range(ack["seq"], max(received) + 1)) <= set(received), f"joined early: nothing missed {received}"
+    assert set(range(ack["seq"], max(received) + 1)) <= set(received), \
+        f"joined early: nothing missed {received} (connected {watcher.connects} times)"
     # A live event may overtake the join's replay, or arrive again in it; the documented seq rule drops those.
     assert all(received.count(seq) <= 2 for seq in received), received
     events = watcher.deduped(job_id)
