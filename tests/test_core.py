@@ -106,6 +106,24 @@ def test_polls_start_soon_and_space_out_with_the_parse_age_to_the_interval_grid(
     assert analysis.poll_delay(3.0, 0.1) == pytest.approx(0.1)  # on the grid
 
 
+def test_a_loaded_poller_spaces_its_polls_on_a_grid_no_wider_than_the_interval() -> None:
+    def schedule(spacing: float, until: float = 30.0) -> list[float]:
+        polls, elapsed = [], 0.0
+        while elapsed < until:
+            elapsed += analysis.poll_delay(elapsed, 5.0, spacing)
+            polls.append(round(elapsed, 3))
+        return polls
+
+    assert schedule(0.0) == schedule(0.4), "a spacing below the gaps changes nothing"
+    # 1,000 parses at 100 polls a second: 10 s apart, but never wider than the interval: a fixed interval's polls
+    assert schedule(10.0) == [0.25, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0]
+    # 200 parses: on a 2 s grid while the parse-age gap is narrower (to 28.6 s), then the gap (7% of the age)
+    polls = schedule(2.0, until=40.0)
+    assert polls[:5] == [0.25, 2.0, 4.0, 6.0, 8.0] and polls[14:18] == [28.0, 30.0, 32.1, 34.347]
+    gaps = [later - earlier for earlier, later in zip(polls, polls[1:])]
+    assert all(gap <= max(2.0, 0.07 * at) + 1e-3 for at, gap in zip(polls, gaps)), "the tighter of the two rules"
+
+
 def test_jobs_share_a_parse_when_potpie_would_find_the_same_project() -> None:
     assert analysis.parse_identity(Job("a", repo="o/r", branch="main")) == \
         analysis.parse_identity(Job("b", repo="o/r", branch="main", question="other"))

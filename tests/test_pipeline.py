@@ -16,6 +16,7 @@ from potpie_service.config import Settings
 from potpie_service.core.job import Job
 from potpie_service.core.model import JobStatus
 from potpie_service.core.replies import SETUP_BANNER
+from potpie_service.pipeline.parsing import PollLoad
 from potpie_service.pipeline.steps import Pipeline
 from potpie_service.potpie.client import PotpieClient
 from potpie_service.potpie.simulator import Simulator, SimulatorConfig
@@ -123,3 +124,14 @@ def test_a_requested_commit_is_parsed_as_is(driver: Driver, sim: Simulator) -> N
     assert job.status is JobStatus.FINISHED
     assert job.result is not None and job.result["commit"] == {"id": "abcdef1", "pinned": True, "source": "request",
                                                               "note": None}
+
+
+def test_the_poll_load_counts_the_parses_polled_within_the_interval() -> None:
+    load = PollLoad(window=5.0)
+    for index in range(250):
+        load.note(f"parse-{index}", 100.0 + index * 0.01)
+    load.note("parse-0", 103.0)  # polled again: counted once
+    assert load.spacing(103.0) == pytest.approx(2.5), "250 parses at 100 polls a second: 2.5 s apart"
+    assert load.spacing(106.0) == pytest.approx(1.51), "5 s later: those polled since 101 s"
+    assert load.spacing(108.0) == pytest.approx(0.01), "then only the one polled again at 103 s"
+    assert load.spacing(109.0) == 0.0

@@ -65,19 +65,24 @@ def parse_identity(job: Job) -> str:
     return f"{job.repo}@{job.commit_id}" if job.commit_id else f"{job.repo}@branch:{job.branch}"
 
 
-def poll_delay(elapsed: float, interval: float) -> float:
+def poll_delay(elapsed: float, interval: float, spacing: float = 0.0) -> float:
     """Seconds until the next poll of a parse `elapsed` seconds old. The first comes at FIRST_POLL_S; the next ones
     are MIN_POLL_GAP_S apart, then POLL_SHARE of the parse's age apart, so a job waits for its next poll at most 7%
     of the time Potpie took (plus a fixed half second); once that gap reaches POTPIE_POLL_INTERVAL (at 71 s for 5 s)
     they keep to the interval's grid from the parse's start, as a fixed interval would: a long parse costs Potpie
-    the same polls a minute as before, and its first minute ~46 instead of 12."""
+    the same polls a minute as before, and its first minute ~46 instead of 12.
+    `spacing`: the least gap the poller's load allows (parses it polls / MAX_POLLS_PER_SECOND); when it is wider
+    than the gap above, the polls keep to its grid instead, never wider than the interval's: a worker polling a
+    thousand parses polls each as a fixed interval would, rather than spend its CPU on polls."""
     if elapsed < FIRST_POLL_S:
         return min(FIRST_POLL_S - elapsed, interval) or FIRST_POLL_S
     gap = max(MIN_POLL_GAP_S, POLL_SHARE * elapsed)
-    if gap < interval:
+    step = min(spacing, interval)
+    if gap < interval and gap >= step:
         return gap
-    grid = (math.floor(elapsed / interval + 1e-9) + 1) * interval - elapsed  # to the next multiple of interval
-    return grid if grid >= min(MIN_POLL_GAP_S, interval) else grid + interval
+    step = interval if gap >= interval else step
+    grid = (math.floor(elapsed / step + 1e-9) + 1) * step - elapsed  # to the next multiple of step
+    return grid if grid >= min(MIN_POLL_GAP_S, step) else grid + step
 
 
 ESTIMATE_STEP = 4  # an estimate moves in steps: no news (a commit, an event) for every poll's fraction of a point

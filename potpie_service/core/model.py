@@ -82,3 +82,4 @@ DEFAULT_PARSE_SECONDS = 60.0
 FIRST_POLL_S = 0.25  # the first poll after a parse request (a quick parse is seen at once)
 MIN_POLL_GAP_S = 0.5  # the polls after it come at least this far apart...
 POLL_SHARE = 0.07  # ...and at most this share of the parse's age apart, until that reaches POTPIE_POLL_INTERVAL
+MAX_POLLS_PER_SECOND = 100  # a worker process polling more parses than this a second spaces their polls out

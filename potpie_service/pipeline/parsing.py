@@ -9,15 +9,16 @@ while it parses: the job's progress is estimated from the time spent against rec
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from typing import Callable
-
 
 from ..config import Settings
 from ..core import analysis
 from ..core.events import now_iso
 from ..core.job import Job, JobUpdate
-from ..core.model import MESSAGES, JobStatus, Stage
+from ..core.model import MAX_POLLS_PER_SECOND, MESSAGES, JobStatus, Stage
 from ..github import GitHubClient, GitHubError
 from ..potpie.client import PotpieClient, Trace
 from ..store.jobs import JobStore
@@ -30,6 +31,31 @@ WAIT_FOR_LEADER_S = 0.5  # how often a job whose parse another job is requesting
 UNPINNED = "; Potpie analyses the branch as it already holds it"
 
 
+class PollLoad:
+    """The parses this worker process polled Potpie for within the last POTPIE_POLL_INTERVAL, and so how far apart
+    their polls must be for the process to send at most MAX_POLLS_PER_SECOND (analysis.poll_delay's `spacing`)."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.polled: OrderedDict[str, float] = OrderedDict()  # parse -> when last polled, oldest first
+        self.lock = threading.Lock()  # a threads pool polls from several threads
+
+    def note(self, parse: str, now: float) -> None:
+        with self.lock:
+            self.polled.pop(parse, None)
+            self.polled[parse] = now
+            self._forget(now)
+
+    def spacing(self, now: float) -> float:
+        with self.lock:
+            self._forget(now)
+            return len(self.polled) / MAX_POLLS_PER_SECOND
+
+    def _forget(self, now: float) -> None:
+        while self.polled and next(iter(self.polled.values())) < now - self.window:
+            self.polled.popitem(last=False)
+
+
 class Parsing:
     """Runs the submit_parse and poll_parse steps of a job."""
 
@@ -39,6 +65,7 @@ class Parsing:
         self.reveal_token = reveal_token
         self.flights = store.flights
         self.ttl_s = settings.parse_timeout + 600  # a flight outlives the longest parse a job waits for
+        self.load = PollLoad(settings.potpie_poll_interval)
 
     def submit(self, job: Job, working: JobUpdate, trace: Trace) -> Advance:
         """Join the parse of the job's project: follow one that is under way, wait for the job requesting it, or
@@ -79,10 +106,11 @@ class Parsing:
             self.flights.drop(key, now)  # its jobs share its start, so they give up too; later ones ask again
             raise JobFailed(f"Potpie did not finish parsing within PARSE_TIMEOUT ({self.settings.parse_timeout:g} s); "
                             f"last status: {job.parse_status}")
-        delay = analysis.poll_delay(now - started, self.settings.potpie_poll_interval)
+        delay = analysis.poll_delay(now - started, self.settings.potpie_poll_interval, self.load.spacing(now))
         turn = self.flights.poll_turn(key, now, max_age=delay, claim_s=min(self.settings.request_timeout, 30) + 5)
         status = turn.status
         if turn.action != "cached":
+            self.load.note(key, now)
             status = self.potpie.parse_status(job.potpie_project_id, job.repo, job.branch, job.commit_id or None,
                                               trace)
             if turn.worth_recording(status):
@@ -100,13 +128,14 @@ class Parsing:
             return Advance(JobStatus.READY, {**update, "parse_status": status, "parsed_at": now_iso(),
                                              "progress": int(Stage.READY), "progress_estimated": False,
                                              "message": MESSAGES[JobStatus.READY]})
-        elapsed = time.time() - float(update.get("parse_started_at") or job.parse_started_at or time.time())
+        now = time.time()
+        elapsed = now - float(update.get("parse_started_at") or job.parse_started_at or now)
         progress, estimated = analysis.parse_progress(status, job.progress, elapsed, expected)
         told = "" if not estimated else ", progress estimated from recent parses"
         return Advance(JobStatus.PARSING, {**update, "parse_status": status, "progress": progress,
                                            "progress_estimated": estimated,
                                            "message": f"Potpie is parsing the repository (status: {status}{told})"},
-                       wait=analysis.poll_delay(elapsed, self.settings.potpie_poll_interval))
+                       wait=analysis.poll_delay(elapsed, self.settings.potpie_poll_interval, self.load.spacing(now)))
 
     def _pin_commit(self, job: Job) -> JobUpdate:
         """Decide, once, which commit the job analyses: the request's, the branch head GitHub names (with the
