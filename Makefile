@@ -27,8 +27,8 @@ install: $(STAMP) ## create .venv with the pinned dependencies
 test: install ## the whole suite (starts its own throwaway Redis servers)
 	$(PY) -m pytest
 
-test-fast: install ## everything but the slow fault-injection and load tests
-	$(PY) -m pytest -m "not slow"
+test-fast: install ## the in-process tests: not the fault-injection and load tests, not the whole-stack ones (~2.5 min)
+	$(PY) -m pytest -m "not slow and not e2e"
 
 dev: $(RUNTIME_STAMP) ## the whole stack in the foreground: Redis, simulator (without POTPIE_API_KEY), API, worker, Flower
 	@scripts/ensure-tool.sh redis-server redis-server "make dev starts a Redis when none answers (or REDIS=fresh)"

@@ -19,6 +19,8 @@ from potpie_service.tokens import new_key
 from tests.conftest import Stack, make_stack
 from tests.stack import ROOT, free_port, start_api
 
+pytestmark = pytest.mark.e2e  # whole stacks of processes: `make test` runs it, `make test-fast` does not
+
 GITHUB_TOKEN = "ghp_" + "Zq9" * 12
 CLIENT_KEY = "psk_cli_" + "k" * 24
 

@@ -21,6 +21,8 @@ from potpie_service.core.job import Job
 from potpie_service.store.jobs import JobStore
 from tests.stack import ARTIFACTS, ROOT, RedisServer, free_port, wait_for
 
+pytestmark = pytest.mark.e2e  # whole stacks of processes: `make test` runs it, `make test-fast` does not
+
 README = (ROOT / "README.md").read_text()
 
 

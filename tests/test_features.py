@@ -14,6 +14,8 @@ from potpie_service.service import DURATIONS_MAX_AGE
 from tests.conftest import Stack, make_stack
 from tests.stack import Receiver, wait_for
 
+pytestmark = pytest.mark.e2e  # whole stacks of processes: `make test` runs it, `make test-fast` does not
+
 SECRET = "whsec-test"
 
 

@@ -25,6 +25,8 @@ from potpie_service.store.metrics import MetricsRecorder
 from tests.conftest import Stack, make_stack
 from tests.stack import RedisServer, Service, free_port, service_env, start_api, wait_for
 
+pytestmark = pytest.mark.e2e  # whole stacks of processes: `make test` runs it, `make test-fast` does not
+
 TOKEN = "metrics-test-token-1234"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -15,6 +15,8 @@ from potpie_service.store.metrics import MetricsRecorder
 from tests.conftest import Stack, make_stack
 from tests.stack import Emissions, wait_for
 
+pytestmark = pytest.mark.e2e  # whole stacks of processes: `make test` runs it, `make test-fast` does not
+
 
 def test_happy_path_result_field_by_field(stack: Stack, sim_stats) -> None:
     accepted = stack.submit("octocat/Hello-World", branch="main", question="What does it do?")

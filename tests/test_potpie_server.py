@@ -20,6 +20,8 @@ from potpie_service.tokens import new_key
 from tests.conftest import SIM_KEY, Stack, make_stack, simulator_stats
 from tests.stack import Receiver, wait_for
 
+pytestmark = pytest.mark.e2e  # whole stacks of processes: `make test` runs it, `make test-fast` does not
+
 GITHUB_TOKEN = "ghp_MARKERtokenforthetest0000000000000000"
 
 

@@ -20,6 +20,8 @@ from potpie_service.core.model import JobStatus
 from tests.conftest import Stack, make_stack
 from tests.stack import Follower, RedisServer, Service, start_api, wait_for
 
+pytestmark = pytest.mark.e2e  # whole stacks of processes: `make test` runs it, `make test-fast` does not
+
 Followers = Callable[..., Follower]  # the followers fixture: followers(url, token=..., origin=...)
 ORDER = ["queued", "parsing", "ready", "processing_conversations", "finished"]
 

@@ -32,6 +32,8 @@ from potpie_service.tokens import new_key as new_token_key
 from tests.conftest import Stack, make_stack
 from tests.stack import ARTIFACTS, ROOT, RedisServer, Service, free_port, service_env, start_api, wait_for
 
+pytestmark = pytest.mark.e2e  # whole stacks of processes: `make test` runs it, `make test-fast` does not
+
 ALICE, ALICE_ENTRY = new_key("alice")
 BOB, BOB_ENTRY = new_key("bob")
 OPS, OPS_ENTRY = new_key("ops")

@@ -30,6 +30,8 @@ from redis.retry import Retry
 from potpie_service.auth import new_key
 from tests.stack import ARTIFACTS, ROOT, RedisServer, Service, free_port, service_env, start_api, wait_for
 
+pytestmark = pytest.mark.e2e  # whole stacks of processes: `make test` runs it, `make test-fast` does not
+
 ALICE, ALICE_ENTRY = new_key("alice")
 
 

@@ -19,6 +19,8 @@ from tests.conftest import SIM_KEY, Stack, make_stack, simulator_stats
 from tests.stack import start_worker, wait_for
 from workers.boot import green_command
 
+pytestmark = pytest.mark.e2e  # whole stacks of processes: `make test` runs it, `make test-fast` does not
+
 FINAL = ("finished", "failed", "cancelled")
 
 
