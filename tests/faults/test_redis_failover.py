@@ -142,7 +142,9 @@ def _failover_under_load(ha: RedisHA, stack: Stack, followers: Any, label: str) 
     assert all(service.alive() for service in [stack.api, *stack.workers])
     health = requests.get(stack.url + "/health", timeout=10).json()
     sentinel_view = health["checks"]["redis"]["sentinel"]
-    assert health["checks"]["redis"]["role"] == "master" and sentinel_view["master"] == f"127.0.0.1:{heir.port}"
+    # /health names the primary the sentinels name now: the heir, unless they failed over once more since (their
+    # short down-after on a loaded 2-core host can; the promotion above is what this test asks of them)
+    assert health["checks"]["redis"]["role"] == "master" and sentinel_view["master"] == f"127.0.0.1:{ha.master_port()}"
     assert [entry["status"] for entry in sentinel_view["sentinels"]] == ["up"] * 3
 
     figures = {"jobs_in_flight": JOBS, "promoted_s": round(promoted, 2), "old_primary_rejoined_s": round(rejoined, 2),
