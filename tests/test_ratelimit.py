@@ -116,3 +116,24 @@ def test_a_submit_counts_its_charge_in_its_own_script_call_and_stores_nothing_ov
     assert verdicts[2].limit.text == "2 per 1 minute" and 55 < verdicts[2].reset_at - time.time() <= 60
     assert limits.hit("key:alice").remaining == 0 and limits.hit("key:bob").remaining == 1
     assert int(client.get(charges[0].keys[0])) == 4, "three submits and one hit: each counted once"
+
+
+def test_a_submit_sent_again_finds_its_job_counted_once_even_past_its_deadline(redis_server: RedisServer) -> None:
+    """What redis-py's retry of a pipeline whose connection broke after Redis ran it does: the same script call,
+    the same job id. It is the job created, with the counts of the one time it was counted (a 429 decision and the
+    X-RateLimit headers need them), and never 'late': the job exists and its first step was pushed."""
+    client = redis_server.client()
+    store = JobStore(client, f"q-rl-{uuid.uuid4().hex[:8]}", 100, 60, 60)
+    limits = store.rate_limiter(parse_rate_limits("5/minute"))
+    job, charge = Job(uuid.uuid4().hex, owner="alice", repo="octocat/hello"), limits.charge("key:alice")
+    first = store.submit(job, charge=charge)
+    again = store.submit(job, charge=charge)
+    assert (first.outcome, again.outcome) == ("created", "created") and again.job_id == job.id
+    assert again.rate_counts is not None and again.rate_counts[0] == first.rate_counts[0] == 1
+    assert limits.verdict(again.rate_counts).remaining == 4 and int(client.get(charge.keys[0])) == 1
+    store.submit_budget_s, store._redis_minus_local_ms = 0.001, -60_000.0  # its deadline long gone on Redis' clock
+    late = store.submit(job, charge=charge)
+    assert late.outcome == "created" and int(client.get(charge.keys[0])) == 1
+    store._redis_minus_local_ms = -60_000.0  # (each reply resets it to the true offset)
+    assert store.submit(Job(uuid.uuid4().hex, owner="alice", repo="octocat/x"), charge=charge).outcome == "late", \
+        "a new submit past its deadline is still refused"

@@ -66,3 +66,14 @@ local function hit_limits(keys, windows_ms)
   end
   return out
 end
+
+-- The same counts and ms left, read without counting (a request already counted, sent again).
+local function read_limits(keys, windows_ms)
+  local out = {}
+  for i, key in ipairs(keys) do
+    local left = redis.call('PTTL', key)
+    out[#out + 1] = tonumber(redis.call('GET', key) or '0')
+    out[#out + 1] = left >= 0 and left or windows_ms[i]
+  end
+  return out
+end

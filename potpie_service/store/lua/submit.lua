@@ -12,10 +12,11 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rate = {}
 local function found(outcome, id) return {outcome, id, -1, {}, rate, now_ms} end  -- no job created
-if a.deadline_ms > 0 and now_ms > a.deadline_ms then return found('late', '') end
-if redis.call('EXISTS', KEYS[1]) == 1 then  -- the same submit again (a retried pipeline): it is done already
+if redis.call('EXISTS', KEYS[1]) == 1 then  -- the same submit again (a retried pipeline): it is done, and counted
+  if #KEYS > 9 then rate = read_limits({unpack(KEYS, 10)}, a.rate_windows_ms) end
   return {'created', a.id, redis.call('ZRANK', KEYS[2], a.id) or -1, {}, rate, now_ms}
 end
+if a.deadline_ms > 0 and now_ms > a.deadline_ms then return found('late', '') end
 if #KEYS > 9 then
   rate = hit_limits({unpack(KEYS, 10)}, a.rate_windows_ms)
   for i, amount in ipairs(a.rate_amounts) do
