@@ -16,9 +16,10 @@ from potpie_service.config import Settings
 from potpie_service.core.job import Job
 from potpie_service.core.model import JobStatus
 from potpie_service.core.replies import SETUP_BANNER
+from potpie_service.pipeline.agents import AgentRuns
 from potpie_service.pipeline.parsing import PollLoad
 from potpie_service.pipeline.steps import Pipeline
-from potpie_service.potpie.client import PotpieClient
+from potpie_service.potpie.client import PotpieClient, TransientPotpieError, Trace
 from potpie_service.potpie.simulator import Simulator, SimulatorConfig
 from potpie_service.store import make_store
 from potpie_service.store.jobs import JobStore
@@ -135,3 +136,14 @@ def test_the_poll_load_counts_the_parses_polled_within_the_interval() -> None:
     assert load.spacing(106.0) == pytest.approx(1.51), "5 s later: those polled since 101 s"
     assert load.spacing(108.0) == pytest.approx(0.01), "then only the one polled again at 103 s"
     assert load.spacing(109.0) == 0.0
+
+
+def test_a_run_that_could_not_be_stopped_is_not_forgotten_and_nothing_is_asked_meanwhile(driver: Driver) -> None:
+    """Potpie cannot be told to stop the run an earlier try left (here: it cannot be reached at all): asking again
+    would start a second billed run and lose the first one's id, so the try fails and the id stays for the next."""
+    job_id = driver.submit("octocat/left-running")
+    driver.store.mark(job_id, conversation_id="conv-1", agent_session="psvc-earlier-run")
+    runs = AgentRuns(driver.store, PotpieClient("http://127.0.0.1:9", SIM_KEY, 1.0))  # nothing listens on port 9
+    with pytest.raises(TransientPotpieError, match="could not be stopped"):
+        runs.ask(driver.job(job_id), "What?", Trace(job_id, "ask_question", 2))
+    assert driver.job(job_id).agent_session == "psvc-earlier-run"

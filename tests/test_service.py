@@ -17,7 +17,7 @@ from potpie_service.core.model import JobStatus
 from potpie_service.core.submission import AnalyzeRequest
 from potpie_service.connections import api_timeout
 from potpie_service.service import JobService
-from potpie_service.store import make_store
+from potpie_service.store import StoreUnavailable, make_store
 from potpie_service.tokens import TokenCipher, new_key
 from tests.stack import RedisServer
 
@@ -118,3 +118,5 @@ def test_redis_away_is_a_domain_error_that_says_whether_the_job_may_exist(stoppa
     assert "was not queued" in refused.value.error
     with pytest.raises(Unavailable):
         service.status("frank", "0" * 32)
+    with pytest.raises(StoreUnavailable):  # the workers' cancellation listener subscribes again through this
+        service.store.cancellations()

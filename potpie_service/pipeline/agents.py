@@ -27,8 +27,9 @@ class AgentRuns:
 
     def ask(self, job: Job, content: str, trace: Trace) -> Reply:
         """The agent's whole answer to `content`, asked as a new run (an earlier try's run stopped first)."""
-        if job.agent_session:
-            self.stop(job, job.agent_session, trace)
+        if job.agent_session and not self.stop(job, job.agent_session, trace):
+            raise TransientPotpieError(f"an earlier run ({job.agent_session}) could not be stopped; not asking again "
+                                       "while it may still run")  # its id is kept: the next try stops it first
         session = f"psvc-{job.id}-{trace.step}-a{trace.attempt}-{uuid.uuid4().hex[:8]}"
         self.store.mark(job.id, durable=True, agent_session=session)  # a cancel, or the next try, can stop it
         job.agent_session = session

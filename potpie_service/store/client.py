@@ -34,7 +34,13 @@ class StorePipeline(Pipeline):
 
 
 class StorePubSub(PubSub):
-    """A subscription whose reads fail with StoreUnavailable when Redis cannot be had."""
+    """A subscription whose (re)subscribing and reads fail with StoreUnavailable when Redis cannot be had."""
+
+    def execute_command(self, *args: Any) -> Any:  # SUBSCRIBE and the like, which connect first
+        try:
+            return super().execute_command(*args)
+        except _FAILURES as exc:
+            raise unavailable(exc) from exc
 
     def get_message(self, *args: Any, **kwargs: Any) -> Any:
         try:
