@@ -52,6 +52,13 @@ class Breaker:
             self._open_until = self._clock() + self.cooldown
             self._probing = 0.0
 
+    def refused(self) -> None:
+        """A call failed fast (a refused connection, none to be had): it learnt nothing of a silence, so the
+        circuit stays as it is, and a probe that ended so is over (the next call may probe)."""
+        if self._probing:
+            with self._lock:
+                self._probing = 0.0
+
     def answered(self) -> None:
         """A call got an answer: close."""
         if self._open_until:

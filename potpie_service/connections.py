@@ -64,6 +64,7 @@ class GuardedRetry(Retry):
             self.breaker.timed_out()
             raise
         except redis.exceptions.ConnectionError:
+            self.breaker.refused()
             raise
         except redis.exceptions.RedisError:  # an error Redis answered with (NOSCRIPT, WRONGTYPE...): it is there
             self.breaker.answered()
@@ -85,6 +86,11 @@ class GuardedPool:
                 retry.breaker.admit()
             except CircuitOpen as exc:
                 raise RedisSilent(str(exc)) from None
+            try:
+                return super().get_connection(*args, **kwargs)  # type: ignore[misc]
+            except redis.exceptions.ConnectionError:  # none to be had, or refused while connecting
+                retry.breaker.refused()
+                raise
         return super().get_connection(*args, **kwargs)  # type: ignore[misc]
 
 

@@ -62,6 +62,21 @@ def test_a_probe_that_never_reports_stops_blocking_after_a_while() -> None:
     breaker.admit()  # another may probe
 
 
+def test_a_probe_refused_at_once_lets_the_next_call_probe() -> None:
+    """Redis came back refusing (restarting): the probe's connection is refused at once, which says nothing of a
+    silence; the next call probes instead of every call failing until the probe limit."""
+    clock = Clock()
+    breaker = Breaker(cooldown=1.0, clock=clock)
+    breaker.timed_out()
+    clock.now += 1.0
+    breaker.admit()
+    breaker.refused()
+    assert breaker.open
+    breaker.admit()  # the next call probes at once
+    breaker.answered()
+    assert not breaker.open
+
+
 @pytest.fixture
 def silent_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
