@@ -17,7 +17,9 @@ from potpie_service.core.job import Job
 from potpie_service.core.model import JobStatus
 from potpie_service.core.replies import SETUP_BANNER
 from potpie_service.pipeline.agents import AgentRuns
-from potpie_service.pipeline.parsing import PollLoad
+from potpie_service.pipeline.outcomes import JobFailed
+from potpie_service.pipeline.parsing import Parsing, PollLoad
+from potpie_service.github import GitHubClient
 from potpie_service.pipeline.steps import Pipeline
 from potpie_service.potpie.client import PotpieClient, TransientPotpieError, Trace
 from potpie_service.potpie.simulator import Simulator, SimulatorConfig
@@ -147,3 +149,15 @@ def test_a_run_that_could_not_be_stopped_is_not_forgotten_and_nothing_is_asked_m
     with pytest.raises(TransientPotpieError, match="could not be stopped"):
         runs.ask(driver.job(job_id), "What?", Trace(job_id, "ask_question", 2))
     assert driver.job(job_id).agent_session == "psvc-earlier-run"
+
+
+def test_a_forwarded_token_is_the_jobs_own_never_the_operators_in_its_place(driver: Driver, sim: Simulator) -> None:
+    """POTPIE_FORWARD_GITHUB_TOKEN on, GITHUB_TOKEN set: a job that came with its own token whose secret can no
+    longer be read fails rather than have Potpie parse with the operator's identity; a job without one forwards
+    the operator's."""
+    settings = Settings(potpie_forward_github_token=True, github_token="ghp_operator")
+    parsing = Parsing(settings, driver.store, PotpieClient(sim.url, SIM_KEY, 3.0), GitHubClient(sim.url + "/github"),
+                      reveal_token=lambda _: None)
+    with pytest.raises(JobFailed, match="could not be read"):
+        parsing._forwarded_token(Job("a" * 32, repo="o/r", has_github_token=True))
+    assert parsing._forwarded_token(Job("b" * 32, repo="o/r")) == "ghp_operator"

@@ -176,11 +176,13 @@ class Parsing:
         one): Potpie's own server has no such field, and a user's secret is not handed on for nothing."""
         if not self.settings.potpie_forward_github_token:
             return None
-        token, _ = self._github_token(job)
-        if job.has_github_token and token is None:
+        if not job.has_github_token:
+            return self.settings.github_token or None
+        own = self.reveal_token(job.id)  # the job's own, never the operator's in its place (another identity)
+        if own is None:
             raise JobFailed("the GitHub token could not be read: it expired, or TOKEN_ENCRYPTION_KEY differs "
                             "between the API and the worker")
-        return token
+        return own
 
     def _release(self, key: str, job_id: str) -> None:
         """Give up the lead after a failed request, so a waiting job need not wait out the claim."""
