@@ -111,11 +111,12 @@ class HealthCheck:
         except StoreUnavailable as exc:
             return Readiness(False, round((time.perf_counter() - started) * 1000, 2), _failure(exc))
 
-    def report(self, sockets: int) -> Health:
-        """Every dependency with its state, and the overall status (see the module's docstring)."""
+    def report(self, sockets: int, details: bool = True) -> Health:
+        """Every dependency with its state, and the overall status (see the module's docstring); `details`: also
+        ask each sentinel what it says of the master (one call a sentinel, for an operator's eyes only)."""
         started = time.perf_counter()
         self.potpie.state()  # starts a check when one is due, before Redis is waited for
-        checks = self._redis_checks()
+        checks = self._redis_checks(details)
         checks["potpie_api"] = self.potpie.state(wait=HEALTH_BUDGET - (time.perf_counter() - started))
         degraded = [name for name, check in checks.items() if check["status"] == DOWN]
         status = UNHEALTHY if checks["redis"]["status"] != UP else (DEGRADED if degraded else OK)
@@ -125,10 +126,10 @@ class HealthCheck:
             "uptime": round(time.time() - self.started, 1), "timestamp": now_iso(),
         })
 
-    def _redis_checks(self) -> dict[str, dict[str, Any]]:
+    def _redis_checks(self, details: bool) -> dict[str, dict[str, Any]]:
         started = time.perf_counter()
         try:
-            seen = self.probe.read(self.settings.worker_max_age)
+            seen = self.probe.read(self.settings.worker_max_age, sentinels=details)
         except StoreUnavailable as exc:
             unknown = {"status": UNKNOWN}
             return {"redis": {"status": DOWN, "error": _failure(exc),

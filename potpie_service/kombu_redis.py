@@ -4,7 +4,7 @@ kombu's Redis channel builds a new `redis.Redis` for every LPUSH, PUBLISH and ac
 past `max_connections` (which under gevent lost the consumer's connection). `Transport` and `SentinelTransport`
 reuse one client per pool and wait for a free connection instead. They override kombu's private channel methods
 (`_get_pool`, `conn_or_acquire`, `_sentinel_managed_pool`) and read its `_connparams`, `_create_client`,
-`_parse_url` and `keyprefix_fanout`: tests/test_kombu_seam.py fails, naming what changed, when an upgrade of kombu
+`_parse_url` and `keyprefix_fanout`: tests/test_celery_seams.py fails, naming what changed, when an upgrade of kombu
 moves any of them.
 """
 

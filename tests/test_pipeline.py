@@ -127,6 +127,10 @@ def test_a_requested_commit_is_parsed_as_is(driver: Driver, sim: Simulator) -> N
     assert job.status is JobStatus.FINISHED
     assert job.result is not None and job.result["commit"] == {"id": "abcdef1", "pinned": True, "source": "request",
                                                               "note": None}
+    # what Potpie was asked to parse: that commit (its lookup by commit finds the job's project, a branch one none)
+    found = PotpieClient(sim.url, SIM_KEY, 3.0).find_project("octocat/pinned", "main", "abcdef1")
+    assert found is not None and found[0] == job.potpie_project_id
+    assert simulator_stats(sim)["parse_calls"] == {"octocat/pinned@main": 1}
 
 
 def test_the_poll_load_counts_the_parses_polled_within_the_interval() -> None:

@@ -57,9 +57,10 @@ def readyz() -> Any:
 @bp.get("/health")
 def health() -> Any:
     ctx = context()
-    report = ctx.health.report(ctx.sockets.value)
+    operator = ctx.auth.operator(presented_key())
+    report = ctx.health.report(ctx.sockets.value, details=operator)
     body = report.body
-    if not ctx.auth.operator(presented_key()):
+    if not operator:
         body = {"status": body["status"], "timestamp": body["timestamp"],
                 "details": "send an API key for the dependency details"}
     return jsonify(body), 503 if report.status == UNHEALTHY else 200

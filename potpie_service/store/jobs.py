@@ -26,7 +26,6 @@ from .metrics import MetricsRecorder, MetricsSnapshot, read_snapshot
 from .ratelimit import Charge, RateLimiter
 from .scripts import Scripts
 from .throttle import TokenBucket
-from .topology import describe
 
 
 SILENT = Broadcast()  # a change that announces nothing
@@ -345,14 +344,6 @@ class JobStore:
     def queue_length(self, queue: str) -> int:
         """Messages waiting in a Celery queue on this Redis (the broker's list of that name)."""
         return int(self._redis.llen(queue))
-
-    def ping(self) -> None:
-        """Raise StoreUnavailable unless Redis answers."""
-        self._redis.ping()
-
-    def topology(self) -> dict[str, Any]:
-        """The Redis node's role and replicas, and the sentinels' view of the master (see topology.py)."""
-        return describe(self._redis)
 
     def cancellations(self) -> Any:
         """A subscription to the ids of jobs as they are cancelled (published by `finish`); its reads fail with

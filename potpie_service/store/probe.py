@@ -39,14 +39,14 @@ class StoreProbe:
         self.retention = retention  # seconds an ended job stays in its index (JOB_TTL_*)
 
     def ping(self) -> float:
-        """Milliseconds a PING took; raises redis.RedisError when Redis does not answer within the timeout."""
+        """Milliseconds a PING took; raises StoreUnavailable when Redis does not answer within the timeout."""
         started = time.perf_counter()
         self._redis.ping()
         return (time.perf_counter() - started) * 1000
 
-    def read(self, worker_max_age: float) -> StoreHealth:
-        """The node's role and replicas, counts by state and live workers, in one round trip (redis.RedisError when
-        Redis does not answer)."""
+    def read(self, worker_max_age: float, sentinels: bool = True) -> StoreHealth:
+        """The node's role and replicas, counts by state and live workers, in one round trip (StoreUnavailable when
+        Redis does not answer); `sentinels`: then what each sentinel says of the master, one call a sentinel."""
         now = time.time()
         pipe = self._redis.pipeline(transaction=False)
         pipe.info("replication")
@@ -63,4 +63,4 @@ class StoreProbe:
                        for s, n in zip(self.retention, ended)})
         counts["total"] = sum(counts.values())
         return StoreHealth(round(latency_ms, 2), info.get("role", "unknown"), int(info.get("connected_slaves", 0)),
-                           counts, int(workers), sentinel_view(self._redis))
+                           counts, int(workers), sentinel_view(self._redis) if sentinels else None)

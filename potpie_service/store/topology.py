@@ -1,5 +1,4 @@
-"""Where the store's Redis stands: its replication role and replicas, and, under Sentinel, what each sentinel
-says of the master (for /health)."""
+"""Under Sentinel, what each sentinel says of the store's master (for /health)."""
 
 from __future__ import annotations
 
@@ -7,16 +6,6 @@ from typing import Any
 
 import redis
 from redis.sentinel import SentinelConnectionPool
-
-
-def describe(client: redis.Redis) -> dict[str, Any]:
-    """The role of the node the client writes to, its connected replicas, and the sentinels' view if any."""
-    info = client.info("replication")
-    view: dict[str, Any] = {"role": info.get("role", "unknown"), "replicas": int(info.get("connected_slaves", 0))}
-    sentinels = sentinel_view(client)
-    if sentinels is not None:
-        view["sentinel"] = sentinels
-    return view
 
 
 def sentinel_view(client: redis.Redis) -> dict[str, Any] | None:
