@@ -81,8 +81,9 @@ def rate_limited(view: Callable[..., Any]) -> Callable[..., Any]:
         counts: list[int] | None = None
         if owner is None and not auth.disabled:  # no valid key: counted (and refused) before anything runs
             counts = limiter.pay(this)
-            if not limiter.verdict(counts).allowed:
-                return _headed(error_response(refusal(limiter.verdict(counts))), limiter.verdict(counts))
+            verdict = limiter.verdict(counts)
+            if not verdict.allowed:
+                return _headed(error_response(refusal(verdict)), verdict)
         try:
             response = current_app.make_response(view(*args, **kwargs))
             counts = g.get("rate_counts", counts)
