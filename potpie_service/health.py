@@ -3,9 +3,10 @@
 Readiness is this process's own ability to serve: its Redis answers a PING on the probe client within
 connections.PROBE_TIMEOUT. Workers being away never makes the API unready: a submit is queued in Redis and waits
 for them, which is what a queue is for. /health names every dependency's state for people and dashboards: Redis
-unreachable is `unhealthy`; no worker, Potpie unreachable or too few replicas is `degraded`. Both answer within
-about a second whatever Redis or Potpie do: Redis is read through the probe client in one round trip, and Potpie
-is checked in the background.
+unreachable, or a node that is not the master, is `unhealthy`; no worker, Potpie unreachable or too few replicas is
+`degraded`. Both answer within about a second whatever Redis or Potpie do: Redis is read through the probe client
+in one round trip (for an operator, under Sentinel, one more call a sentinel), and Potpie is checked in the
+background.
 """
 
 from __future__ import annotations
