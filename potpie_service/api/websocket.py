@@ -9,8 +9,9 @@ simple-websocket (the WebSocket of Flask-SocketIO's threading mode here, and of 
 every client's permessage-deflate offer, and each accepted offer holds a zlib compressor and decompressor for the
 life of the socket: ~140 KB of the ~170 KB a connection cost (tracemalloc under bench/p5_fanout.py). This service's
 frames are JSON events of a few hundred bytes, which deflate barely shrinks, so the API declines the offer; Node's
-Socket.IO server does the same by default (engine.io `perMessageDeflate: false`) for the same reason. simple-websocket builds
-the extension from its module's own name for it, so that name is what is replaced, once per process.
+Socket.IO server does the same by default (engine.io `perMessageDeflate: false`) for the same reason. simple-
+websocket builds the extension from its module's own name for it, so that name is what is replaced, once per
+process.
 
 engine.io builds one `_async["websocket"]` object per upgrade. As shipped (python-engineio 4.15, simple-websocket
 1.1), that object:
